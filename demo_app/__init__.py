@@ -1,0 +1,1 @@
+"""The demo service: each seed document's anti-pattern and its fix, side by side, under load."""

@@ -1,0 +1,1 @@
+"""Exporters: each reads the same snapshots (see `samples`) and speaks one protocol."""

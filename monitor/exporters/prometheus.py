@@ -1,0 +1,100 @@
+"""Prometheus exposition: a collector in prometheus_client's registry, and an ASGI app.
+
+The collector reads snapshots at scrape time, so `generate_latest()`, `make_asgi_app()`
+and `start_http_server()` all just work, alongside the application's own metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, make_asgi_app
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric as PromMetric,
+)
+from prometheus_client.registry import Collector
+
+from monitor.catalogue import METRICS, Metric
+from monitor.exporters.samples import Sample, lock_samples, pool_samples
+from monitor.histogram import cumulative_buckets
+
+
+def _family(metric: Metric) -> PromMetric:
+    labels = list(metric.prometheus_labels)
+    unit = "seconds" if metric.unit == "s" else ""
+    if metric.kind == "histogram":
+        return HistogramMetricFamily(metric.prometheus_name, metric.description, labels=labels,
+                                     unit=unit)  # fmt: skip
+    if metric.kind == "counter":
+        return CounterMetricFamily(metric.prometheus_name.removesuffix("_total"),
+                                   metric.description, labels=labels, unit=unit)  # fmt: skip
+    return GaugeMetricFamily(metric.prometheus_name, metric.description, labels=labels,
+                             unit=unit)  # fmt: skip
+
+
+def families(samples: Iterable[Sample]) -> list[PromMetric]:
+    """One family per catalogue metric that has samples, in catalogue order."""
+    by_name: dict[str, PromMetric] = {}
+    for metric, attributes, value in samples:
+        family = by_name.get(metric.name)
+        if family is None:
+            family = by_name[metric.name] = _family(metric)
+        label_values = [attributes.get(a, "") for a in metric.attributes]
+        if metric.kind == "histogram":
+            family.add_metric(label_values, cumulative_buckets(value), value["sum"])  # type: ignore[attr-defined]
+        else:
+            family.add_metric(label_values, value)  # type: ignore[attr-defined]
+    order = {m.name: i for i, m in enumerate(METRICS)}
+    return [by_name[name] for name in sorted(by_name, key=order.__getitem__)]
+
+
+class MonitorCollector(Collector):
+    """Collects every instrumented pool (and instrumented lock) of this process."""
+
+    def __init__(self, pools: Callable[[], Iterable[Mapping[str, Any]]],
+                 locks: Callable[[], Mapping[str, Mapping[str, Any]]]) -> None:  # fmt: skip
+        self._pools = pools
+        self._locks = locks
+
+    def collect(self) -> Iterator[PromMetric]:
+        samples = [*pool_samples(self._pools()), *lock_samples(self._locks())]
+        yield from families(samples)
+
+    def describe(self) -> list[PromMetric]:
+        return []  # unchecked collector: families depend on what is instrumented
+
+
+_registered: dict[int, MonitorCollector] = {}
+
+
+def _live_pool_snapshots() -> list[dict[str, Any]]:
+    from monitor.instrument import monitors
+
+    return [pm.snapshot() for pm in monitors()]
+
+
+def _live_lock_snapshot() -> Mapping[str, Mapping[str, Any]]:
+    from monitor.locks import lock_snapshot
+
+    return lock_snapshot()
+
+
+def register(registry: CollectorRegistry = REGISTRY) -> MonitorCollector:
+    """Register this process's collector in `registry`, once per registry."""
+    collector = _registered.get(id(registry))
+    if collector is None:
+        collector = MonitorCollector(_live_pool_snapshots, _live_lock_snapshot)
+        registry.register(collector)
+        _registered[id(registry)] = collector
+    return collector
+
+
+def metrics_app(registry: CollectorRegistry = REGISTRY) -> Any:
+    """An ASGI app serving the Prometheus exposition (mount it at `/metrics`), including
+    everything else registered in `registry` (by default, the application's own metrics)."""
+    register(registry)
+    return make_asgi_app(registry=registry)

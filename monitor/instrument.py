@@ -1,0 +1,347 @@
+"""Attach to and detach from an engine; the `PoolMonitor` that owns one pool's numbers.
+
+`PoolMonitor.snapshot()` is the one data model: the Prometheus and OpenTelemetry exporters,
+the snapshot files and the sidecar all read it, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from monitor.catalogue import SECONDS_BUCKETS
+from monitor.config import Settings, load_settings
+from monitor.gauges import read_gauges
+from monitor.hooks import ENGINE_EVENTS, POOL_EVENTS, build_hooks
+from monitor.ledger import OTEL_QUEUE_LIMIT, SITE_FIELDS, Hold, Ledger
+from monitor.poolclass import instrumented_class, original_class
+from monitor.sites import SiteFinder
+
+SNAPSHOT_VERSION = 1
+
+log = logging.getLogger("monitor")
+long_held_log = logging.getLogger("monitor.long_held")
+
+_registry: weakref.WeakKeyDictionary[Engine, PoolMonitor] = weakref.WeakKeyDictionary()
+_registry_lock = threading.Lock()
+_otel_enabled = False
+
+_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433,
+                  "oracle": 1521}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LongHeldEvent:
+    """What `on_long_held` callbacks receive: one connection held past the threshold."""
+
+    pool: str
+    age_s: float
+    site: str
+    thread: str
+    task: str | None
+    backend_pid: int | None
+    stack: tuple[str, ...]
+
+
+def _sync_engine(engine: Any) -> Engine:
+    sync = getattr(engine, "sync_engine", engine)  # AsyncEngine wraps a sync Engine
+    if not isinstance(sync, Engine):
+        raise TypeError(f"instrument() needs a SQLAlchemy Engine or AsyncEngine, got "
+                        f"{type(engine).__name__}")  # fmt: skip
+    return sync
+
+
+def default_pool_name(engine: Engine) -> str:
+    """Semantic conventions: the pool's logging name, else `host:port/database`."""
+    logging_name = getattr(engine.pool, "_orig_logging_name", None)
+    if logging_name:
+        return str(logging_name)
+    url = engine.url
+    host = url.host or url.query.get("host") or "localhost"
+    if isinstance(host, tuple):
+        host = host[0]
+    port = url.port or _DEFAULT_PORTS.get(url.get_backend_name())
+    address = f"{host}:{port}" if port else str(host)
+    return f"{address}/{url.database or ''}"
+
+
+def thread_name(ident: int) -> str:
+    thread = getattr(threading, "_active", {}).get(ident)
+    return thread.name if thread is not None else f"thread-{ident}"
+
+
+def task_name(task: Any) -> str | None:
+    if task is None:
+        return None
+    try:
+        return str(task.get_name())
+    except Exception:
+        return repr(task)
+
+
+class PoolMonitor:
+    """The monitor of one engine's pool (across `dispose()` and recreation)."""
+
+    thread_names = staticmethod(thread_name)
+
+    def __init__(self, engine: Engine, name: str, settings: Settings) -> None:
+        self.name = name
+        self.settings = settings
+        self.ledger = Ledger(settings.max_sites)
+        self.sites = SiteFinder(settings.site_exclude, settings.site_include)
+        self.active = False
+        self._engine_ref = weakref.ref(engine)
+        self._hooks = build_hooks(self)
+        self._pool_class: type | None = None
+        self._listening: list[tuple[Any, str, Callable[..., Any]]] = []
+
+    # -- wiring ---------------------------------------------------------------------------
+    @property
+    def engine(self) -> Engine | None:
+        return self._engine_ref()
+
+    def _attach(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        self._swap_pool_class(engine.pool)
+        if _otel_enabled:
+            self.ledger.otel_queue = deque(maxlen=OTEL_QUEUE_LIMIT)
+        for name in POOL_EVENTS:
+            self._listen(engine.pool, name, self._hooks[name])
+        for name in ENGINE_EVENTS:
+            self._listen(engine, name, self._hooks[name])
+        self._listen(engine, "engine_disposed", self._on_engine_disposed)
+        self.active = True
+
+    def _listen(self, target: Any, name: str, fn: Callable[..., Any]) -> None:
+        event.listen(target, name, fn)
+        self._listening.append((target, name, fn))
+
+    def _swap_pool_class(self, pool: Any) -> None:
+        base = original_class(type(pool))
+        if self._pool_class is None or original_class(self._pool_class) is not base:
+            self._pool_class = instrumented_class(base, self)
+        pool.__class__ = self._pool_class
+
+    def _on_engine_disposed(self, engine: Engine) -> None:
+        """Safety net for pool classes whose `recreate()` does not reuse `self.__class__`
+        or drops the listeners: put both back on the new pool."""
+        try:
+            if type(engine.pool) is not self._pool_class:
+                self._swap_pool_class(engine.pool)
+            for name in POOL_EVENTS:
+                fn = self._hooks[name]
+                # recreate() copies listeners without registering them under the new
+                # pool, so event.contains() cannot see them: look in the dispatch itself.
+                if fn not in list(getattr(engine.pool.dispatch, name)):
+                    self._listen(engine.pool, name, fn)
+        except Exception as exc:
+            from monitor.hooks import swallow
+
+            swallow(self, "engine_disposed", exc)
+
+    def _detach(self) -> None:
+        self.active = False
+        for target, name, fn in reversed(self._listening):
+            if event.contains(target, name, fn):
+                event.remove(target, name, fn)
+        self._listening.clear()
+        engine = self.engine
+        if engine is not None:
+            for target_pool in (engine.pool,):
+                for name in POOL_EVENTS:  # copies made by recreate() after a dispose()
+                    fn = self._hooks[name]
+                    if event.contains(target_pool, name, fn):
+                        event.remove(target_pool, name, fn)
+                if isinstance(target_pool, self._pool_class or ()):
+                    target_pool.__class__ = original_class(type(target_pool))
+
+    # -- long-held ------------------------------------------------------------------------
+    def due_long_held(self, now: float) -> list[Hold]:
+        """Holds that crossed the threshold since the last scan (each returned once)."""
+        threshold = self.settings.long_held_threshold
+        if not threshold or not self.active:
+            return []
+        due: list[Hold] = []
+        with self.ledger.lock:
+            for hold in self.ledger.holds.values():
+                if not hold.alerted and now - hold.start >= threshold:
+                    hold.alerted = True
+                    due.append(hold)
+        return due
+
+    def report_return(self, hold: Hold, held: float) -> None:
+        """A connection that raised a long-held alert came back: say for how long in all."""
+        site = self.sites.name(hold.site)
+        long_held_log.info(
+            "pool %r: long-held connection from %s returned after %.3f s in all",
+            self.name, site, held,
+            extra={"pool": self.name, "site": site, "held_s": held,
+                   "thread": thread_name(hold.thread), "task": task_name(hold.task),
+                   "backend_pid": hold.pid},
+        )  # fmt: skip
+
+    # -- reading --------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """Everything this monitor knows now, as plain JSON-ready data."""
+        now = time.perf_counter()
+        ledger = self.ledger
+        with ledger.lock:
+            holds = list(ledger.holds.values())
+            counters = ledger.counters.to_dict()
+            histograms = {
+                "db.client.connection.create_time": ledger.create_time.to_dict(),
+                "db.client.connection.wait_time": ledger.wait_time.to_dict(),
+                "db.client.connection.use_time": ledger.use_time.to_dict(),
+            }
+            pending = len(ledger.waiting)
+        threshold = self.settings.long_held_threshold
+        engine = self.engine
+        pool = engine.pool if engine is not None else None
+        on_pool = sum(1 for h in holds if h.pool is pool)
+        pool_gauges = read_gauges(pool, on_pool, len(holds) - on_pool)
+        count = {"used": pool_gauges.used}
+        if pool_gauges.idle is not None:
+            count = {"idle": pool_gauges.idle, **count}
+        ages = [now - h.start for h in holds]
+        gauges: dict[str, Any] = {
+            "db.client.connection.count": count,
+            "db.client.connection.max": pool_gauges.max,
+            "db.client.connection.idle.max": pool_gauges.idle_max,
+            "db.client.connection.pending_requests": pending,
+            "sqlalchemy.pool.overflow": pool_gauges.overflow,
+            "sqlalchemy.pool.oldest_checkout_age": max(ages, default=0.0),
+            "sqlalchemy.pool.long_held": sum(1 for a in ages if threshold and a >= threshold),
+        }
+        gauges = {k: v for k, v in gauges.items() if v is not None}
+        sites = ledger.site_totals(self.sites.name)
+        as_int = ("checkouts", "long_held_events", "cross_thread_uses", "concurrent_uses")
+        for field_name in as_int:
+            sites[field_name] = {k: int(v) for k, v in sites[field_name].items()}
+        result_counters: dict[str, Any] = {
+            "db.client.connection.timeouts": counters["timeouts"],
+            "sqlalchemy.pool.checkouts": counters["checkouts"],
+            "sqlalchemy.pool.invalidations": {"hard": counters["invalidations_hard"],
+                                              "soft": counters["invalidations_soft"]},
+            "sqlalchemy.pool.connect_errors": counters["connect_errors"],
+            "sqlalchemy.pool.long_held_events": sites["long_held_events"],
+            "sqlalchemy.pool.sql_time": counters["sql_time"],
+            "sqlalchemy.pool.idle_in_use_time": counters["idle_in_use_time"],
+            "sqlalchemy.pool.site_use_time": sites["use_time"],
+            "sqlalchemy.pool.site_idle_in_use_time": sites["idle_in_use_time"],
+            "sqlalchemy.pool.site_checkouts": sites["checkouts"],
+            "sqlalchemy.pool.cross_thread_uses": sites["cross_thread_uses"],
+            "sqlalchemy.pool.concurrent_uses": sites["concurrent_uses"],
+            "pool_monitor.errors": counters["errors"],
+        }  # fmt: skip
+        return {
+            "version": SNAPSHOT_VERSION,
+            "pool": self.name,
+            "pool_class": original_class(type(pool)).__name__ if pool is not None else None,
+            "settings": {"long_held_threshold": threshold, "max_sites": self.settings.max_sites},
+            "gauges": gauges,
+            "counters": result_counters,
+            "histograms": histograms,
+            "holds": [self._hold_dict(h, now, threshold) for h in holds],
+            "internal": counters,
+        }
+
+    def _hold_dict(self, hold: Hold, now: float, threshold: float) -> dict[str, Any]:
+        age = now - hold.start
+        sql = hold.sql + (now - hold.sql_t0 if hold.depth and hold.sql_t0 else 0.0)
+        return {
+            "age_s": age,
+            "started_at": hold.start_wall,
+            "site": self.sites.name(hold.site),
+            "thread": thread_name(hold.thread),
+            "thread_id": hold.thread,
+            "task": task_name(hold.task),
+            "backend_pid": hold.pid,
+            "sql_time_s": sql,
+            "executing": bool(hold.depth),
+            "long_held": bool(threshold) and age >= threshold,
+        }
+
+    def __repr__(self) -> str:
+        return f"<PoolMonitor pool={self.name!r} active={self.active}>"
+
+
+def instrument(engine: Any, pool_name: str | None = None, **settings: Any) -> PoolMonitor:
+    """Start monitoring `engine`'s pool (an `Engine` or `AsyncEngine`).
+
+    Settings are keyword arguments with `POOL_MONITOR_<NAME>` environment variables as
+    defaults; an invalid value raises `ConfigError` naming it. Instrumenting the same
+    engine twice returns the same monitor.
+    """
+    sync = _sync_engine(engine)
+    resolved = load_settings(settings)
+    if pool_name is not None and (not isinstance(pool_name, str) or not pool_name.strip()):
+        from monitor.config import ConfigError
+
+        raise ConfigError(f"pool_name must be a non-empty string, got {pool_name!r}")
+    with _registry_lock:
+        existing = _registry.get(sync)
+        if existing is not None and existing.active:
+            return existing
+        pm = PoolMonitor(sync, pool_name or default_pool_name(sync), resolved)
+        pm._attach()
+        _registry[sync] = pm
+    from monitor import watchdog
+
+    watchdog.ensure_running()
+    if resolved.snapshot_dir:
+        from monitor.exporters import snapshot
+
+        snapshot.ensure_writer(resolved.snapshot_dir, resolved.snapshot_interval)
+    return pm
+
+
+def uninstrument(engine: Any) -> None:
+    """Remove every listener and restore the pool class. Its numbers stop being exported."""
+    sync = _sync_engine(engine)
+    with _registry_lock:
+        pm = _registry.pop(sync, None)
+    if pm is not None:
+        pm._detach()
+
+
+def monitors() -> list[PoolMonitor]:
+    """Every active monitor in this process."""
+    with _registry_lock:
+        return [pm for pm in _registry.values() if pm.active]
+
+
+def enable_otel_queues() -> None:
+    """Start handing raw observations to the OpenTelemetry bridge (see exporters.otel)."""
+    global _otel_enabled
+    with _registry_lock:
+        _otel_enabled = True
+        for pm in _registry.values():
+            if pm.ledger.otel_queue is None:
+                pm.ledger.otel_queue = deque(maxlen=OTEL_QUEUE_LIMIT)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts from zero: its parent's holds, counts and (possibly held)
+    locks are not its own."""
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for pm in list(_registry.values()):
+        pm.ledger.reset()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+__all__ = ["SECONDS_BUCKETS", "SITE_FIELDS", "LongHeldEvent", "PoolMonitor", "instrument",
+           "monitors", "uninstrument"]  # fmt: skip

@@ -1,0 +1,149 @@
+"""Code-site attribution: which line of *user* code asked for a connection.
+
+The site is the first frame, walking outwards, that is not SQLAlchemy, pool-monitor, the
+standard library or an installed package. This runs on every checkout, so the walk reads
+only `f_code`, `f_back` and (once found) `f_lineno`, and the library/user verdict is cached
+per code object; the site is kept as `(code, line)` and formatted only when exported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import sysconfig
+from collections.abc import Iterable
+from types import CodeType, FrameType
+
+import sqlalchemy
+
+try:  # greenlet is how SQLAlchemy's asyncio layer runs sync code; optional for sync users
+    from greenlet import getcurrent as _current_greenlet
+except ImportError:  # pragma: no cover
+    _current_greenlet = None
+
+SiteKey = tuple[CodeType, int]
+
+_MONITOR_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_SQLALCHEMY_DIR = os.path.dirname(os.path.abspath(sqlalchemy.__file__)) + os.sep
+_CACHE_LIMIT = 50_000
+
+
+def _library_dirs() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    try:
+        import site
+
+        dirs.update(site.getsitepackages())
+        dirs.add(site.getusersitepackages())
+    except (AttributeError, ImportError):  # pragma: no cover - embedded interpreters
+        pass
+    return tuple(os.path.abspath(d) + os.sep for d in dirs if d)
+
+
+class SiteFinder:
+    """Finds and formats code sites; one per pool (the prefixes are per-pool settings)."""
+
+    def __init__(self, exclude: Iterable[str] = (), include: Iterable[str] = ()) -> None:
+        self._library = (_MONITOR_DIR, _SQLALCHEMY_DIR, *_library_dirs(),
+                         *(_absolute(p) for p in exclude))  # fmt: skip
+        self._include = tuple(_absolute(p) for p in include)
+        self._verdicts: dict[CodeType, bool] = {}
+        self._names: dict[SiteKey, str] = {}
+
+    # -- hot path ---------------------------------------------------------------------
+    def find(self, frame: FrameType | None) -> SiteKey | None:
+        """The first user frame at or above `frame`, continuing across SQLAlchemy's greenlet
+        bridge to the awaiting coroutine when the thread's own chain holds no user code."""
+        verdicts = self._verdicts
+        glet = None
+        while True:
+            while frame is not None:
+                code = frame.f_code
+                library = verdicts.get(code)
+                if library is None:
+                    library = self._classify(code)
+                if not library:
+                    return (code, frame.f_lineno)
+                frame = frame.f_back
+            # Top of this greenlet's stack: under asyncio the caller's coroutine is
+            # suspended in the parent greenlet, inside SQLAlchemy's greenlet_spawn.
+            if _current_greenlet is None:
+                return None
+            glet = (_current_greenlet() if glet is None else glet).parent
+            if glet is None:
+                return None
+            frame = glet.gr_frame
+
+    # -- verdicts ---------------------------------------------------------------------
+    def is_library(self, code: CodeType) -> bool:
+        library = self._verdicts.get(code)
+        return self._classify(code) if library is None else library
+
+    def _classify(self, code: CodeType) -> bool:
+        filename = code.co_filename
+        if filename.startswith("<"):
+            library = True  # frozen modules, exec'd and generated code
+        else:
+            path = os.path.abspath(filename)
+            if self._include and path.startswith(self._include):
+                library = False
+            else:
+                library = path.startswith(self._library)
+        if len(self._verdicts) >= _CACHE_LIMIT:
+            self._verdicts.clear()  # dynamically generated code: stay bounded
+        self._verdicts[code] = library
+        return library
+
+    # -- formatting (export time) ---------------------------------------------------
+    def name(self, site: SiteKey | None) -> str:
+        """`path/relative.py:LINE:function`."""
+        if site is None:
+            return "unknown"
+        text = self._names.get(site)
+        if text is None:
+            code, line = site
+            text = f"{relative_path(code.co_filename)}:{line}:{code.co_name}"
+            if len(self._names) >= _CACHE_LIMIT:
+                self._names.clear()
+            self._names[site] = text
+        return text
+
+    def user_frames(self, frames: Iterable[FrameType]) -> list[FrameType]:
+        """Keep only the frames of user code (for the holder's current stack)."""
+        return [f for f in frames if not self.is_library(f.f_code)]
+
+
+def _absolute(prefix: str) -> str:
+    path = os.path.abspath(prefix)
+    return path if prefix.endswith(".py") else path.rstrip(os.sep) + os.sep
+
+
+def relative_path(filename: str) -> str:
+    """The path relative to the deepest import root (sys.path entry or cwd) containing it,
+    so sites read like module paths and do not change between machines."""
+    path = os.path.abspath(filename)
+    best = ""
+    for root in (os.getcwd(), *sys.path):
+        if not root:
+            continue
+        root = os.path.abspath(root).rstrip(os.sep) + os.sep
+        if path.startswith(root) and len(root) > len(best):
+            best = root
+    return (path[len(best):] if best else path).replace(os.sep, "/")
+
+
+def format_stack(frames: Iterable[FrameType]) -> list[str]:
+    """`path:LINE:function` lines, innermost last (the order of a traceback)."""
+    return [f"{relative_path(f.f_code.co_filename)}:{f.f_lineno}:{f.f_code.co_name}"
+            for f in frames]  # fmt: skip
+
+
+def walk_frames(frame: FrameType | None) -> list[FrameType]:
+    """Frames from the outermost caller down to `frame` (traceback order)."""
+    frames: list[FrameType] = []
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    frames.reverse()
+    return frames

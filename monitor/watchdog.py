@@ -1,0 +1,141 @@
+"""Long-held detection: one daemon thread per process that watches every live hold.
+
+Past the threshold it raises exactly one alert per hold, showing the holder's *current*
+stack (what the code is doing while it keeps the connection), which is what tells an
+"external API call inside a session" from a slow query. It wakes every tenth of the
+smallest threshold, so an alert comes within 10% of it; the hot path never waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+from monitor.hooks import swallow
+from monitor.instrument import LongHeldEvent, PoolMonitor, monitors, task_name, thread_name
+from monitor.ledger import LONG_HELD, Hold
+from monitor.sites import format_stack, walk_frames
+
+log = logging.getLogger("monitor.long_held")
+
+_MIN_WAKE = 0.01
+_MAX_WAKE = 1.0
+
+_lock = threading.Lock()
+_wake = threading.Event()
+_thread: threading.Thread | None = None
+_pid: int | None = None
+
+
+def ensure_running() -> None:
+    """Start the watchdog in this process if it is not running (again, after a fork)."""
+    global _thread, _pid
+    with _lock:
+        if _thread is not None and _thread.is_alive() and _pid == os.getpid():
+            _wake.set()  # a new monitor may have a smaller threshold
+            return
+        _pid = os.getpid()
+        _thread = threading.Thread(target=_run, name="pool-monitor-watchdog", daemon=True)
+        _thread.start()
+
+
+def wake_interval(pools: list[PoolMonitor]) -> float:
+    thresholds = [pm.settings.long_held_threshold for pm in pools
+                  if pm.settings.long_held_threshold > 0]  # fmt: skip
+    if not thresholds:
+        return _MAX_WAKE
+    return min(_MAX_WAKE, max(_MIN_WAKE, min(thresholds) / 10.0))
+
+
+def _run() -> None:
+    while True:
+        pools = monitors()
+        _wake.wait(wake_interval(pools))
+        _wake.clear()
+        scan(monitors())
+
+
+def scan(pools: list[PoolMonitor]) -> int:
+    """Alert on every hold that crossed its pool's threshold; returns how many."""
+    raised = 0
+    now = time.perf_counter()
+    for pm in pools:
+        try:
+            due = pm.due_long_held(now)
+        except Exception as exc:
+            swallow(pm, "watchdog", exc)
+            continue
+        for hold in due:
+            try:
+                alert(pm, hold, now)
+                raised += 1
+            except Exception as exc:
+                swallow(pm, "watchdog", exc)
+    return raised
+
+
+def current_stack(pm: PoolMonitor, hold: Hold) -> list[str]:
+    """The holder's stack right now, user frames only, innermost last."""
+    if hold.task is not None:
+        try:
+            frames = list(hold.task.get_stack())
+        except Exception:
+            frames = []
+    else:
+        frames = walk_frames(sys._current_frames().get(hold.thread))
+    return format_stack(pm.sites.user_frames(frames))
+
+
+def alert(pm: PoolMonitor, hold: Hold, now: float) -> LongHeldEvent:
+    """One WARNING, one count for the site, and the user's callbacks, for one hold."""
+    event = LongHeldEvent(
+        pool=pm.name,
+        age_s=now - hold.start,
+        site=pm.sites.name(hold.site),
+        thread=thread_name(hold.thread),
+        task=task_name(hold.task),
+        backend_pid=hold.pid,
+        stack=tuple(current_stack(pm, hold)),
+    )
+    with pm.ledger.lock:
+        if hold.site_totals:
+            hold.site_totals[LONG_HELD] += 1
+    stack_text = "".join(f"\n    {line}" for line in event.stack) or "\n    (no user frames)"
+    log.warning(
+        "pool %r: connection held for %.3f s (threshold %g s), checked out at %s by thread "
+        "%r, task %r, backend pid %s; the holder is now at:%s",
+        event.pool, event.age_s, pm.settings.long_held_threshold, event.site, event.thread,
+        event.task, event.backend_pid, stack_text,
+        extra=_extra(event),
+    )  # fmt: skip
+    for callback in pm.settings.on_long_held:
+        try:
+            callback(event)
+        except Exception as exc:
+            swallow(pm, "on_long_held callback", exc)
+    return event
+
+
+def _extra(event: LongHeldEvent) -> dict[str, Any]:
+    return {"pool": event.pool, "age_s": event.age_s, "site": event.site,
+            "thread": event.thread, "task": event.task, "backend_pid": event.backend_pid,
+            "stack": list(event.stack)}  # fmt: skip
+
+
+def _after_fork_in_child() -> None:
+    global _lock, _wake, _thread, _pid
+    _lock = threading.Lock()
+    _wake = threading.Event()
+    _thread = None
+    _pid = None
+    restart = monitors()
+    if restart:
+        ensure_running()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

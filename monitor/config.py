@@ -71,7 +71,9 @@ def _parse_int(name: str, raw: object) -> int:
     try:
         value = int(str(raw).strip()) if not isinstance(raw, int) else raw
     except ValueError:
-        raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {raw!r}") from None
+        raise ConfigError(
+            f"{name} must be a whole number from {low} to {high}, got {raw!r}"
+        ) from None
     if not low <= value <= high:
         raise ConfigError(f"{name} must be from {low} to {high}, got {value}")
     return value
@@ -91,7 +93,9 @@ def _parse_callbacks(raw: object) -> tuple[Callable[[Any], None], ...]:
     items = raw if isinstance(raw, (list, tuple)) else (raw,)
     for item in items:
         if not callable(item):
-            raise ConfigError(f"on_long_held must be a callable or a list of callables, got {item!r}")
+            raise ConfigError(
+                f"on_long_held must be a callable or a list of callables, got {item!r}"
+            )
     return tuple(items)  # type: ignore[arg-type]
 
 

@@ -3,12 +3,12 @@
 Counting +1/-1 from events drifts (late attach, detach, GC, dispose); the pool itself
 always knows. Only what a pool class cannot tell is derived from our live holds:
 
-| pool class                          | used           | idle              | max | idle.max | overflow |
-|-------------------------------------|----------------|-------------------|-----|----------|----------|
-| QueuePool, AsyncAdaptedQueuePool    | pool           | pool (open only)  | yes | yes      | yes      |
-| NullPool                            | live holds     | 0                 | –   | –        | –        |
-| StaticPool, AssertionPool           | live holds ≤ 1 | the one, if idle  | 1   | 1        | –        |
-| SingletonThreadPool                 | live holds     | per-thread conns  | –   | –        | –        |
+| pool class                       | used           | idle             | max | idle.max | overflow |
+|----------------------------------|----------------|------------------|-----|----------|----------|
+| QueuePool, AsyncAdaptedQueuePool | pool           | pool (open only) | yes | yes      | yes      |
+| NullPool                         | live holds     | 0                | –   | –        | –        |
+| StaticPool, AssertionPool        | live holds ≤ 1 | the one, if idle | 1   | 1        | –        |
+| SingletonThreadPool              | live holds     | per-thread conns | –   | –        | –        |
 
 "–" means omitted, not zero: an unbounded pool has no maximum.
 """

@@ -40,7 +40,7 @@ def cumulative_buckets(data: dict[str, Any]) -> list[tuple[str, int]]:
     """Prometheus-style `(le, cumulative count)` pairs from a `to_dict()` result."""
     running = 0
     out: list[tuple[str, int]] = []
-    for bound, count in zip(data["bounds"], data["counts"]):
+    for bound, count in zip(data["bounds"], data["counts"][:-1], strict=True):
         running += count
         out.append((_format_le(bound), running))
     out.append(("+Inf", running + data["counts"][-1]))

@@ -1,9 +1,10 @@
-"""The SQLAlchemy event handlers: the hot path.
+"""The hot path: pool event handlers, the checkout hook and statement timing.
 
 Each handler is a closure over one pool's ledger and site finder, so it reads its state
 from cells rather than attribute chains, allocates at most one small record, takes the
 ledger lock at most once, formats nothing, and swallows its own exceptions (counted in
 `pool_monitor_errors_total`, logged once per kind): the application must never notice us.
+Measure with `pool-monitor bench` before and after touching anything here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from monitor.ledger import CHECKOUTS, CONCURRENT, CROSS_THREAD, Hold
+from monitor.ledger import CLOSED_LIMIT, CONCURRENT, CROSS_THREAD, PID_KEY, Hold
 
 if TYPE_CHECKING:
     from monitor.instrument import PoolMonitor
@@ -26,15 +27,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("monitor")
 misuse_log = logging.getLogger("monitor.misuse")
 
-HOLD_KEY = "pool_monitor.hold"
-PID_KEY = "pool_monitor.backend_pid"
 
 #: When the current task/thread started opening a DBAPI connection (set in `do_connect`,
 #: cleared by the `connect` event): times connects and tells connect errors apart.
 connect_started: ContextVar[float | None] = ContextVar("pool_monitor_connect_started", default=None)
 
 _perf = time.perf_counter
-_wall = time.time
 _get_ident = threading.get_ident
 _getframe = sys._getframe
 
@@ -74,6 +72,13 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
     """Event name → handler for one pool. Pool events and cursor events."""
     ledger = monitor.ledger
     find_site = monitor.sites.find
+    # Bound once for the return path (a fork resets the ledger in place, keeping them).
+    lock = ledger.lock
+    holds = ledger.holds
+    holds_get = holds.get
+    holds_pop = holds.pop
+    closed = ledger.closed
+    closed_append = closed.append
 
     def on_do_connect(dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> None:
         connect_started.set(_perf())
@@ -93,60 +98,55 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
         except Exception as exc:
             swallow(monitor, "connect", exc)
 
-    def on_checkout(dbapi_connection: Any, rec: Any, fairy: Any) -> None:
+    def checked_out(fairy: Any, pool: Any, caller: Any, waited: float) -> None:
+        """Open the hold for a checkout that `pool.connect()` just returned. Called by the
+        pool subclass rather than a `checkout` listener: it is one frame from the caller
+        (the site walk starts three SQLAlchemy frames closer to user code) and SQLAlchemy
+        skips its whole checkout-event block when no `checkout` listener exists. No lock:
+        one atomic dict store; everything else is folded in when the ledger is read."""
         try:
-            now = _perf()
-            site = find_site(_getframe(1))
+            if fairy._counter != 1:  # SingletonThreadPool re-entry: the hold is open
+                return
+            rec = fairy._connection_record
             loop = _get_running_loop()
-            info = rec.info
-            hold = Hold(now, _wall(), _get_ident(), current_task(loop) if loop else None,
-                        site, info.get(PID_KEY), fairy._pool)  # fmt: skip
-            info[HOLD_KEY] = hold
-            with ledger.lock:
-                previous = ledger.holds.get(rec)
-                if previous is not None:  # StaticPool hands one record out twice
-                    ledger.end_hold(previous, now)
-                ledger.holds[rec] = hold
-                ledger.counters.checkouts += 1
-                totals = hold.site_totals = ledger.sites.totals(site)
-                totals[CHECKOUTS] += 1
+            hold = Hold(_perf(), waited, _get_ident(), current_task(loop) if loop else None,
+                        find_site(caller), rec, pool)  # fmt: skip
+            previous = holds_get(rec)
+            holds[rec] = hold
+            if previous is not None:  # StaticPool hands one record out twice
+                previous.open = False
+                previous.end = hold.start
+                closed_append(previous)
         except Exception as exc:
             swallow(monitor, "checkout", exc)
 
-    def end(rec: Any) -> None:
-        now = _perf()
-        with ledger.lock:
-            hold = ledger.holds.pop(rec, None)
-            if hold is None:
-                ledger.counters.untracked_returns += 1
-                return
-            held = ledger.end_hold(hold, now)
-        if hold.alerted:
-            monitor.report_return(hold, held)
-
     def on_checkin(dbapi_connection: Any, rec: Any) -> None:
+        """End the hold of `rec`, if we have one: the cheapest possible return path."""
         try:
-            end(rec)
+            hold = holds_pop(rec, None)
+            if hold is None:
+                with lock:
+                    ledger.counters.untracked_returns += 1
+                return
+            hold.end = end = _perf()
+            hold.open = False
+            closed_append(hold)
+            if len(closed) > CLOSED_LIMIT:  # nobody collecting: fold here, stay bounded
+                ledger.drain()
+            if hold.alerted:
+                monitor.report_return(hold, end - hold.start)
         except Exception as exc:
             swallow(monitor, "checkin", exc)
 
     def on_detach(dbapi_connection: Any, rec: Any) -> None:
+        # The pool slot is freed and no checkin follows: the hold ends here.
+        if rec in holds:
+            on_checkin(dbapi_connection, rec)
         try:
-            if rec in ledger.holds:
-                end(rec)
-            with ledger.lock:
+            with lock:
                 ledger.counters.detaches += 1
         except Exception as exc:
             swallow(monitor, "detach", exc)
-
-    def on_reset(dbapi_connection: Any, rec: Any, state: Any) -> None:
-        # Only a terminate-only reset ends a hold (asyncio GC, detached close); a normal
-        # reset is followed by `checkin`.
-        try:
-            if state.terminate_only and rec is not None and rec in ledger.holds:
-                end(rec)
-        except Exception as exc:
-            swallow(monitor, "reset", exc)
 
     def on_close(dbapi_connection: Any, rec: Any) -> None:
         try:
@@ -179,7 +179,7 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
     def misuse(hold: Hold, kind: int, thread: int) -> None:
         """Count a cross-thread or overlapping use at the executing site; warn once per
         (kind, site). Off the normal path: it only runs when something is wrong."""
-        site = find_site(_getframe(2))
+        site = find_site(_getframe(3))
         label = "cross_thread" if kind == CROSS_THREAD else "concurrent"
         with ledger.lock:
             ledger.sites.totals(site)[kind] += 1
@@ -200,12 +200,13 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
                        "use_site": monitor.sites.name(site)},
             )  # fmt: skip
 
-    def on_before_execute(conn: Any, cursor: Any, statement: Any, parameters: Any,
-                          context: Any, executemany: Any) -> None:  # fmt: skip
+    def statement_started(context: Any) -> Hold | None:
+        """Mark a hold as executing; detect cross-thread and overlapping use."""
         try:
-            hold = conn.info.get(HOLD_KEY)
-            if hold is None or not hold.open:
-                return
+            record = context._dbapi_connection._connection_record  # None once detached
+            hold = ledger.holds.get(record) if record is not None else None
+            if hold is None:
+                return None
             thread = _get_ident()
             if hold.depth:
                 misuse(hold, CONCURRENT, thread)
@@ -214,50 +215,69 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
             hold.depth += 1
             if thread != hold.thread:
                 misuse(hold, CROSS_THREAD, thread)
+            return hold
         except Exception as exc:
-            swallow(monitor, "before_cursor_execute", exc)
+            swallow(monitor, "execute", exc)
+            return None
 
-    def finish_statement(conn: Any) -> None:
-        hold = conn.info.get(HOLD_KEY)
-        if hold is None or not hold.open or not hold.depth:
-            return
-        hold.depth -= 1
-        if not hold.depth and hold.sql_t0:
-            hold.sql += _perf() - hold.sql_t0
-            hold.sql_t0 = 0.0
-
-    def on_after_execute(conn: Any, cursor: Any, statement: Any, parameters: Any,
-                         context: Any, executemany: Any) -> None:  # fmt: skip
+    def statement_finished(hold: Hold) -> None:
         try:
-            finish_statement(conn)
+            if not hold.open or not hold.depth:
+                return
+            hold.depth -= 1
+            if not hold.depth and hold.sql_t0:
+                hold.sql += _perf() - hold.sql_t0
+                hold.sql_t0 = 0.0
         except Exception as exc:
-            swallow(monitor, "after_cursor_execute", exc)
-
-    def on_handle_error(context: Any) -> None:
-        try:
-            conn = context.connection
-            if conn is not None and not conn.invalidated:
-                finish_statement(conn)
-        except Exception as exc:
-            swallow(monitor, "handle_error", exc)
+            swallow(monitor, "execute", exc)
 
     return {
         "do_connect": on_do_connect,
         "connect": on_connect,
-        "checkout": on_checkout,
+        "checked_out": checked_out,
         "checkin": on_checkin,
         "detach": on_detach,
-        "reset": on_reset,
         "close": on_close,
         "close_detached": on_close_detached,
         "invalidate": on_invalidate,
         "soft_invalidate": on_soft_invalidate,
-        "before_cursor_execute": on_before_execute,
-        "after_cursor_execute": on_after_execute,
-        "handle_error": on_handle_error,
+        "statement_started": statement_started,
+        "statement_finished": statement_finished,
     }
 
 
-POOL_EVENTS = ("connect", "checkout", "checkin", "detach", "reset", "close", "close_detached",
-               "invalidate", "soft_invalidate")  # fmt: skip
-ENGINE_EVENTS = ("do_connect", "before_cursor_execute", "after_cursor_execute", "handle_error")
+def timed_execute(method: Callable[..., Any], started: Callable[[Any], Hold | None],
+                  finished: Callable[[Hold], None]) -> Callable[..., Any]:  # fmt: skip
+    """Wrap a dialect's `do_execute` / `do_executemany` / `do_execute_no_params` so the
+    DBAPI call is bracketed exactly (a failed statement included, through `finally`).
+
+    Why not `before/after_cursor_execute`: any ConnectionEvents listener on an engine makes
+    every `Connection()` join the engine's dispatch and fire `engine_connect`, which costs
+    about 1.5 µs on *every* checkout, SQL or not. These are public Dialect methods, set on
+    this engine's own dialect instance only. The context is always the last argument.
+    """
+
+    def execute(*args: Any) -> Any:
+        hold = started(args[-1])
+        if hold is None:
+            return method(*args)
+        try:
+            return method(*args)
+        finally:
+            finished(hold)
+
+    execute.__wrapped__ = method  # type: ignore[attr-defined]
+    execute.__pool_monitor__ = True  # type: ignore[attr-defined]
+    return execute
+
+
+
+
+#: No `reset` listener, although a terminate-only reset ends a hold: every such reset is
+#: followed by `detach` (asyncio GC), or concerns an already detached connection, and when
+#: a reset raises, `_finalize_fairy` invalidates and fires `checkin`. A `reset` listener
+#: would cost ~1.3 µs on every checkin (SQLAlchemy builds a PoolResetState for it).
+POOL_EVENTS = ("connect", "checkin", "detach", "close", "close_detached", "invalidate",
+               "soft_invalidate")  # fmt: skip
+DIALECT_EVENTS = ("do_connect",)
+EXECUTE_METHODS = ("do_execute", "do_executemany", "do_execute_no_params")

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from monitor.catalogue import SECONDS_BUCKETS
 from monitor.config import Settings, load_settings
 from monitor.gauges import read_gauges
-from monitor.hooks import ENGINE_EVENTS, POOL_EVENTS, build_hooks
+from monitor.hooks import DIALECT_EVENTS, EXECUTE_METHODS, POOL_EVENTS, build_hooks, timed_execute
 from monitor.ledger import OTEL_QUEUE_LIMIT, SITE_FIELDS, Hold, Ledger
 from monitor.poolclass import instrumented_class, original_class
 from monitor.sites import SiteFinder
@@ -102,6 +102,7 @@ class PoolMonitor:
         self.active = False
         self._engine_ref = weakref.ref(engine)
         self._hooks = build_hooks(self)
+        self.checked_out = self._hooks["checked_out"]
         self._pool_class: type | None = None
         self._listening: list[tuple[Any, str, Callable[..., Any]]] = []
 
@@ -118,9 +119,12 @@ class PoolMonitor:
             self.ledger.otel_queue = deque(maxlen=OTEL_QUEUE_LIMIT)
         for name in POOL_EVENTS:
             self._listen(engine.pool, name, self._hooks[name])
-        for name in ENGINE_EVENTS:
+        for name in DIALECT_EVENTS:
             self._listen(engine, name, self._hooks[name])
-        self._listen(engine, "engine_disposed", self._on_engine_disposed)
+        dialect = engine.dialect
+        for name in EXECUTE_METHODS:
+            setattr(dialect, name, timed_execute(getattr(dialect, name),
+                    self._hooks["statement_started"], self._hooks["statement_finished"]))
         self.active = True
 
     def _listen(self, target: Any, name: str, fn: Callable[..., Any]) -> None:
@@ -133,22 +137,26 @@ class PoolMonitor:
             self._pool_class = instrumented_class(base, self)
         pool.__class__ = self._pool_class
 
-    def _on_engine_disposed(self, engine: Engine) -> None:
-        """Safety net for pool classes whose `recreate()` does not reuse `self.__class__`
-        or drops the listeners: put both back on the new pool."""
+    def recreated(self, pool: Any) -> None:
+        """Called by the subclass's `recreate()` (what `engine.dispose()` uses): a safety
+        net for pool classes whose `recreate()` does not reuse `self.__class__` or drops
+        the listeners. Not an `engine_disposed` listener: any ConnectionEvents listener
+        costs every checkout ~2 µs (see hooks.timed_execute)."""
         try:
-            if type(engine.pool) is not self._pool_class:
-                self._swap_pool_class(engine.pool)
+            if not self.active:
+                return
+            if type(pool) is not self._pool_class:
+                self._swap_pool_class(pool)
             for name in POOL_EVENTS:
                 fn = self._hooks[name]
                 # recreate() copies listeners without registering them under the new
                 # pool, so event.contains() cannot see them: look in the dispatch itself.
-                if fn not in list(getattr(engine.pool.dispatch, name)):
-                    self._listen(engine.pool, name, fn)
+                if fn not in list(getattr(pool.dispatch, name)):
+                    self._listen(pool, name, fn)
         except Exception as exc:
             from monitor.hooks import swallow
 
-            swallow(self, "engine_disposed", exc)
+            swallow(self, "recreate", exc)
 
     def _detach(self) -> None:
         self.active = False
@@ -158,6 +166,9 @@ class PoolMonitor:
         self._listening.clear()
         engine = self.engine
         if engine is not None:
+            for name in EXECUTE_METHODS:
+                if getattr(engine.dialect.__dict__.get(name), "__pool_monitor__", False):
+                    delattr(engine.dialect, name)
             for target_pool in (engine.pool,):
                 for name in POOL_EVENTS:  # copies made by recreate() after a dispose()
                     fn = self._hooks[name]
@@ -195,16 +206,11 @@ class PoolMonitor:
     def snapshot(self) -> dict[str, Any]:
         """Everything this monitor knows now, as plain JSON-ready data."""
         now = time.perf_counter()
-        ledger = self.ledger
-        with ledger.lock:
-            holds = list(ledger.holds.values())
-            counters = ledger.counters.to_dict()
-            histograms = {
-                "db.client.connection.create_time": ledger.create_time.to_dict(),
-                "db.client.connection.wait_time": ledger.wait_time.to_dict(),
-                "db.client.connection.use_time": ledger.use_time.to_dict(),
-            }
-            pending = len(ledger.waiting)
+        wall = time.time()
+        data = self.ledger.read(self.sites.name)
+        holds: list[Hold] = data["holds"]
+        counters = data["counters"]
+        sites = data["sites"]
         threshold = self.settings.long_held_threshold
         engine = self.engine
         pool = engine.pool if engine is not None else None
@@ -218,15 +224,14 @@ class PoolMonitor:
             "db.client.connection.count": count,
             "db.client.connection.max": pool_gauges.max,
             "db.client.connection.idle.max": pool_gauges.idle_max,
-            "db.client.connection.pending_requests": pending,
+            "db.client.connection.pending_requests": data["pending"],
             "sqlalchemy.pool.overflow": pool_gauges.overflow,
             "sqlalchemy.pool.oldest_checkout_age": max(ages, default=0.0),
             "sqlalchemy.pool.long_held": sum(1 for a in ages if threshold and a >= threshold),
         }
         gauges = {k: v for k, v in gauges.items() if v is not None}
-        sites = ledger.site_totals(self.sites.name)
-        as_int = ("checkouts", "long_held_events", "cross_thread_uses", "concurrent_uses")
-        for field_name in as_int:
+        for field_name in ("checkouts", "long_held_events", "cross_thread_uses",
+                           "concurrent_uses"):  # fmt: skip
             sites[field_name] = {k: int(v) for k, v in sites[field_name].items()}
         result_counters: dict[str, Any] = {
             "db.client.connection.timeouts": counters["timeouts"],
@@ -251,17 +256,18 @@ class PoolMonitor:
             "settings": {"long_held_threshold": threshold, "max_sites": self.settings.max_sites},
             "gauges": gauges,
             "counters": result_counters,
-            "histograms": histograms,
-            "holds": [self._hold_dict(h, now, threshold) for h in holds],
+            "histograms": data["histograms"],
+            "holds": [self._hold_dict(h, now, wall, threshold) for h in holds],
             "internal": counters,
         }
 
-    def _hold_dict(self, hold: Hold, now: float, threshold: float) -> dict[str, Any]:
+    def _hold_dict(self, hold: Hold, now: float, wall: float, threshold: float
+                   ) -> dict[str, Any]:  # fmt: skip
         age = now - hold.start
         sql = hold.sql + (now - hold.sql_t0 if hold.depth and hold.sql_t0 else 0.0)
         return {
             "age_s": age,
-            "started_at": hold.start_wall,
+            "started_at": wall - age,
             "site": self.sites.name(hold.site),
             "thread": thread_name(hold.thread),
             "thread_id": hold.thread,
@@ -337,7 +343,7 @@ def _after_fork_in_child() -> None:
     global _registry_lock
     _registry_lock = threading.Lock()
     for pm in list(_registry.values()):
-        pm.ledger.reset()
+        pm.ledger.reset_after_fork()
 
 
 if hasattr(os, "register_at_fork"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from bisect import bisect_left
 from collections import deque
 from typing import Any
 
@@ -22,29 +23,41 @@ SITE_FIELDS = ("use_time", "idle_in_use_time", "checkouts", "long_held_events",
 
 #: Bounded hand-off of raw observations to the OpenTelemetry bridge (only when enabled).
 OTEL_QUEUE_LIMIT = 100_000
+#: Where the `connect` hook records a connection's server backend pid.
+PID_KEY = "pool_monitor.backend_pid"
+#: Returned holds waiting to be folded; past this, the returning thread folds them itself.
+CLOSED_LIMIT = 20_000
 
 
 class Hold:
     """One live checkout: who borrowed the connection, where, and how it is being used."""
 
-    __slots__ = ("alerted", "depth", "open", "pid", "pool", "site", "site_totals", "sql",
-                 "sql_t0", "start", "start_wall", "task", "thread")  # fmt: skip
+    __slots__ = ("alerted", "depth", "end", "open", "pool", "record", "site", "sql", "sql_t0",
+                 "start", "task", "thread", "waited")  # fmt: skip
 
-    def __init__(self, start: float, start_wall: float, thread: int, task: Any,
-                 site: SiteKey | None, pid: int | None, pool: Any) -> None:  # fmt: skip
+    def __init__(self, start: float, waited: float, thread: int, task: Any,
+                 site: SiteKey | None, record: Any, pool: Any) -> None:  # fmt: skip
         self.start = start
-        self.start_wall = start_wall
+        self.waited = waited
         self.thread = thread
         self.task = task
         self.site = site
-        self.pid = pid
+        self.record = record
         self.pool = pool
-        self.site_totals: list[float] = []
         self.sql = 0.0
         self.sql_t0 = 0.0
         self.depth = 0
+        self.end = 0.0
         self.open = True
         self.alerted = False
+
+    @property
+    def pid(self) -> int | None:
+        """The server backend's pid (recorded at connect, read only when reported)."""
+        try:
+            return self.record.info.get(PID_KEY)
+        except Exception:
+            return None
 
 
 class Counters:
@@ -86,70 +99,148 @@ class SiteTable:
 class Ledger:
     """Everything one instrumented pool has measured in this process."""
 
-    __slots__ = ("counters", "create_time", "holds", "lock", "otel_queue", "seq", "sites",
-                 "use_time", "wait_time", "waiting", "warned_sites")  # fmt: skip
+    __slots__ = ("closed", "counters", "create_time", "holds", "lock", "otel_queue", "seq",
+                 "sites", "use_time", "wait_time", "waiting", "warned_sites")  # fmt: skip
 
     def __init__(self, max_sites: int) -> None:
-        self.sites = SiteTable(max_sites)
-        self.otel_queue: deque[tuple[str, float]] | None = None
-        self.reset()
-
-    def reset(self) -> None:
-        """Start from zero (a forked child must not inherit its parent's numbers or a lock
-        another thread held at fork time)."""
         self.lock = threading.Lock()
         self.holds: dict[Any, Hold] = {}
+        #: Returned holds not yet folded into the totals (see `drain`).
+        self.closed: deque[Hold] = deque()
         self.waiting: dict[int, None] = {}
-        self.seq = itertools.count()
+        self.otel_queue: deque[tuple[str, float]] | None = None
+        self.seq = itertools.count()  # tokens for `waiting`; only uniqueness matters
+        self.sites = SiteTable(max_sites)
+        self._zero()
+
+    def _zero(self) -> None:
         self.counters = Counters()
         self.wait_time = Histogram()
         self.use_time = Histogram()
         self.create_time = Histogram()
         self.sites = SiteTable(self.sites.limit)
         self.warned_sites: set[tuple[str, SiteKey | None]] = set()
-        if self.otel_queue is not None:
-            self.otel_queue = deque(maxlen=OTEL_QUEUE_LIMIT)
 
-    # -- called with the lock held ------------------------------------------------------
-    def end_hold(self, hold: Hold, now: float) -> float:
-        """Close a hold: its hold time, SQL time and idle-in-use time go to the totals."""
-        hold.open = False
-        held = now - hold.start
-        if held < 0.0:
-            held = 0.0
-        sql = hold.sql
-        if hold.depth and hold.sql_t0:  # returned mid-statement (e.g. a streaming cursor)
-            sql += now - hold.sql_t0
-        if sql > held:
-            sql = held
-        idle = held - sql
-        self.use_time.observe(held)
-        counters = self.counters
-        counters.sql_time += sql
-        counters.idle_in_use_time += idle
-        totals = hold.site_totals
-        totals[USE] += held
-        totals[IDLE] += idle
+    def reset_after_fork(self) -> None:
+        """Start from zero in a forked child: the parent's holds and counts are not its
+        own, and a lock another thread held at fork time would never be released. Done in
+        place (`_at_fork_reinit`, as the standard library does), because the hooks keep
+        direct references to the lock and the holds dict."""
+        reinit = getattr(self.lock, "_at_fork_reinit", None)
+        if reinit is not None:
+            reinit()
+        self.holds.clear()
+        self.closed.clear()
+        self.waiting.clear()
         if self.otel_queue is not None:
-            self.otel_queue.append(("use_time", held))
-        hold.task = None
-        return held
+            self.otel_queue.clear()
+        self._zero()
+
+    # -- folding returned holds into the totals (off the hot path) ------------------------
+    def drain(self) -> None:
+        """Fold every returned hold into the totals. Checkin only appends to `closed` (an
+        atomic deque append, no lock); this runs on every read and watchdog tick."""
+        with self.lock:
+            self._drain_locked()
+
+    def _drain_locked(self) -> None:
+        """Fold returned holds in one tight loop (locals, inline bucket search): this work
+        still competes with the application for the GIL wherever it runs, so it is kept
+        small, not merely moved."""
+        closed = self.closed
+        if not closed:
+            return
+        popleft = closed.popleft
+        bounds = self.wait_time.bounds
+        wait_counts = self.wait_time.counts
+        use_counts = self.use_time.counts
+        by_site = self.sites.by_site
+        totals_for = self.sites.totals
+        otel = self.otel_queue
+        wait_sum = use_sum = sql_sum = idle_sum = 0.0
+        folded = 0
+        while True:
+            try:
+                hold = popleft()
+            except IndexError:
+                break
+            end = hold.end
+            held = end - hold.start
+            if held < 0.0:
+                held = 0.0
+            sql = hold.sql
+            if hold.depth and hold.sql_t0:  # returned mid-statement (a streaming cursor)
+                sql += end - hold.sql_t0
+            if sql > held:
+                sql = held
+            idle = held - sql
+            waited = hold.waited
+            wait_counts[bisect_left(bounds, waited)] += 1
+            use_counts[bisect_left(bounds, held)] += 1
+            wait_sum += waited
+            use_sum += held
+            sql_sum += sql
+            idle_sum += idle
+            folded += 1
+            totals = by_site.get(hold.site) or totals_for(hold.site)
+            totals[USE] += held
+            totals[IDLE] += idle
+            totals[CHECKOUTS] += 1
+            if otel is not None:
+                otel.append(("wait_time", waited))
+                otel.append(("use_time", held))
+            hold.task = None
+        self.wait_time.sum += wait_sum
+        self.use_time.sum += use_sum
+        counters = self.counters
+        counters.checkouts += folded
+        counters.sql_time += sql_sum
+        counters.idle_in_use_time += idle_sum
 
     # -- read side ------------------------------------------------------------------------
-    def live_holds(self) -> list[Hold]:
+    def read(self, name_of: Any) -> dict[str, Any]:
+        """A consistent copy of everything, live holds included: their checkouts and waits
+        count now, their hold time when they return."""
         with self.lock:
-            return list(self.holds.values())
-
-    def site_totals(self, name_of: Any) -> dict[str, dict[str, float]]:
-        """{field: {site name: value}} including `other` (only when it has data)."""
-        with self.lock:
-            rows = [(name_of(site), list(t)) for site, t in self.sites.by_site.items()]
+            self._drain_locked()
+            holds = list(self.holds.values())
+            counters = self.counters.to_dict()
+            wait_time = Histogram()
+            wait_time.counts = list(self.wait_time.counts)
+            wait_time.sum = self.wait_time.sum
+            use_time = self.use_time.to_dict()
+            create_time = self.create_time.to_dict()
+            named = [(name_of(site), list(t)) for site, t in self.sites.by_site.items()]
             other = list(self.sites.other)
+            known = set(self.sites.by_site)
+            full = len(known) >= self.sites.limit
+            pending = len(self.waiting)
+        counters["checkouts"] += len(holds)
+        sites: dict[str, list[float]] = {}
+        for name, totals in named:
+            _add(sites, name, totals)
         if any(other):
-            rows.append((OTHER_SITE, other))
-        out: dict[str, dict[str, float]] = {f: {} for f in SITE_FIELDS}
-        for name, totals in rows:
+            _add(sites, OTHER_SITE, other)
+        for hold in holds:
+            wait_time.observe(hold.waited)
+            live = [0.0] * len(SITE_FIELDS)
+            live[CHECKOUTS] = 1
+            in_table = hold.site in known or not full
+            _add(sites, name_of(hold.site) if in_table else OTHER_SITE, live)
+        columns: dict[str, dict[str, float]] = {f: {} for f in SITE_FIELDS}
+        for name, totals in sites.items():
             for index, field_name in enumerate(SITE_FIELDS):
-                column = out[field_name]
-                column[name] = column.get(name, 0.0) + totals[index]
-        return out
+                columns[field_name][name] = totals[index]
+        return {"holds": holds, "counters": counters, "pending": pending, "sites": columns,
+                "histograms": {"db.client.connection.create_time": create_time,
+                               "db.client.connection.wait_time": wait_time.to_dict(),
+                               "db.client.connection.use_time": use_time}}  # fmt: skip
+
+
+def _add(sites: dict[str, list[float]], name: str, totals: list[float]) -> None:
+    existing = sites.get(name)
+    if existing is None:
+        sites[name] = list(totals)
+    else:
+        for index, value in enumerate(totals):
+            existing[index] += value

@@ -31,7 +31,8 @@ class LockStats:
         self.hold = Histogram()
 
 
-_stats_lock = threading.Lock()
+_stats_lock = threading.Lock()  # guards the histograms
+_registry_lock = threading.Lock()  # guards `_locks`; never held while taking _stats_lock
 _stats: dict[str, LockStats] = {}
 #: Raw observations for the OpenTelemetry bridge; None until it is enabled.
 otel_queue: deque[tuple[str, str, float]] | None = None
@@ -151,7 +152,7 @@ def lock(name: str, key: Hashable = None, *, reentrant: bool = False) -> Instrum
     `with monitor.lock("session-store"):` excludes as expected.
     """
     _check_name(name)
-    with _stats_lock:
+    with _registry_lock:
         existing = _locks.get((name, key))
         if existing is None:
             existing = InstrumentedLock(name, reentrant)
@@ -164,7 +165,7 @@ def lock(name: str, key: Hashable = None, *, reentrant: bool = False) -> Instrum
 def async_lock(name: str, key: Hashable = None) -> InstrumentedAsyncLock:
     """The process-wide instrumented asyncio lock called `name` (and `key`)."""
     _check_name(name)
-    with _stats_lock:
+    with _registry_lock:
         existing = _locks.get(("async", name, key))  # type: ignore[arg-type]
         if existing is None:
             existing = InstrumentedAsyncLock(name)
@@ -183,8 +184,9 @@ def lock_snapshot() -> dict[str, dict[str, Any]]:
 
 
 def _after_fork_in_child() -> None:
-    global _stats_lock, _stats
+    global _stats_lock, _registry_lock, _stats
     _stats_lock = threading.Lock()
+    _registry_lock = threading.Lock()
     _stats = {}
     _locks.clear()
 

@@ -1,13 +1,16 @@
 """The pool subclass that measures what no SQLAlchemy event sees: waiting callers, wait
 time and checkout timeouts (`QueuePool._do_get` raises `TimeoutError` without an event).
+It also opens the hold of each successful checkout (see `hooks.checked_out`).
 
 `instrument()` swaps the class of the engine's live pool for `Instrumented<PoolClass>`.
 Every built-in `recreate()` builds `self.__class__(...)`, so the subclass, and the monitor
-it carries as a class attribute, survive `engine.dispose()` with no re-wiring.
+its methods close over, survive `engine.dispose()`; `recreate()` is also overridden to
+re-apply both class and listeners should a custom pool class not do so.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -20,19 +23,22 @@ if TYPE_CHECKING:
     from monitor.instrument import PoolMonitor
 
 _perf = time.perf_counter
+_getframe = sys._getframe
 
 
 def instrumented_class(base: type[Pool], monitor: PoolMonitor) -> type[Pool]:
     """A subclass of `base` whose `connect()` is timed for `monitor`. One per monitor, so
     pools of different engines never share state."""
     base_connect = base.connect
+    base_recreate = base.recreate
+    checked_out = monitor.checked_out
+    waiting = monitor.ledger.waiting  # cleared in place after a fork, never replaced
+    next_token = monitor.ledger.seq.__next__
 
     def connect(self: Pool) -> Any:
         if not monitor.active:
             return base_connect(self)
-        ledger = monitor.ledger
-        token = next(ledger.seq)
-        waiting = ledger.waiting
+        token = next_token()
         waiting[token] = None  # dict set/pop are atomic: no lock for the pending count
         started = _perf()
         try:
@@ -44,20 +50,19 @@ def instrumented_class(base: type[Pool], monitor: PoolMonitor) -> type[Pool]:
             _failed(monitor, error)
             raise
         else:
-            waited = _perf() - started
-            try:
-                with ledger.lock:
-                    ledger.wait_time.observe(waited)
-                if ledger.otel_queue is not None:
-                    ledger.otel_queue.append(("wait_time", waited))
-            except Exception as error:  # pragma: no cover - defensive
-                swallow(monitor, "wait_time", error)
+            checked_out(connection, self, _getframe(1), _perf() - started)
             return connection
         finally:
             waiting.pop(token, None)
 
+    def recreate(self: Pool) -> Pool:
+        new_pool = base_recreate(self)
+        monitor.recreated(new_pool)
+        return new_pool
+
     namespace = {
         "connect": connect,
+        "recreate": recreate,
         "__module__": __name__,
         "__qualname__": f"Instrumented{base.__name__}",
         "__doc__": f"{base.__name__} with pool-monitor's wait/pending/timeout measurement.",

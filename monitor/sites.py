@@ -3,7 +3,11 @@
 The site is the first frame, walking outwards, that is not SQLAlchemy, pool-monitor, the
 standard library or an installed package. This runs on every checkout, so the walk reads
 only `f_code`, `f_back` and (once found) `f_lineno`, and the library/user verdict is cached
-per code object; the site is kept as `(code, line)` and formatted only when exported.
+per code object; the site is kept as `(id(code), line)` and formatted only when exported.
+
+Everything is keyed by `id(code)`, never by the code object: a code object hashes its
+name, constants and names afresh on every call (microseconds for a large function such as
+`Connection.__init__`). The cache keeps each code object alive, so its id stays unique.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ try:  # greenlet is how SQLAlchemy's asyncio layer runs sync code; optional for 
 except ImportError:  # pragma: no cover
     _current_greenlet = None
 
-SiteKey = tuple[CodeType, int]
+SiteKey = tuple[int, int]  # (id(code), line)
 
 _MONITOR_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _SQLALCHEMY_DIR = os.path.dirname(os.path.abspath(sqlalchemy.__file__)) + os.sep
@@ -48,23 +52,24 @@ class SiteFinder:
         self._library = (_MONITOR_DIR, _SQLALCHEMY_DIR, *_library_dirs(),
                          *(_absolute(p) for p in exclude))  # fmt: skip
         self._include = tuple(_absolute(p) for p in include)
-        self._verdicts: dict[CodeType, bool] = {}
+        self._verdicts: dict[int, bool] = {}
+        self._codes: dict[int, CodeType] = {}  # keeps ids unique; resolves sites to names
         self._names: dict[SiteKey, str] = {}
 
     # -- hot path ---------------------------------------------------------------------
     def find(self, frame: FrameType | None) -> SiteKey | None:
         """The first user frame at or above `frame`, continuing across SQLAlchemy's greenlet
         bridge to the awaiting coroutine when the thread's own chain holds no user code."""
-        verdicts = self._verdicts
+        verdict = self._verdicts.get
         glet = None
         while True:
             while frame is not None:
                 code = frame.f_code
-                library = verdicts.get(code)
+                library = verdict(id(code))
                 if library is None:
                     library = self._classify(code)
                 if not library:
-                    return (code, frame.f_lineno)
+                    return (id(code), frame.f_lineno)
                 frame = frame.f_back
             # Top of this greenlet's stack: under asyncio the caller's coroutine is
             # suspended in the parent greenlet, inside SQLAlchemy's greenlet_spawn.
@@ -77,7 +82,7 @@ class SiteFinder:
 
     # -- verdicts ---------------------------------------------------------------------
     def is_library(self, code: CodeType) -> bool:
-        library = self._verdicts.get(code)
+        library = self._verdicts.get(id(code))
         return self._classify(code) if library is None else library
 
     def _classify(self, code: CodeType) -> bool:
@@ -90,9 +95,11 @@ class SiteFinder:
                 library = False
             else:
                 library = path.startswith(self._library)
-        if len(self._verdicts) >= _CACHE_LIMIT:
-            self._verdicts.clear()  # dynamically generated code: stay bounded
-        self._verdicts[code] = library
+        if len(self._verdicts) >= _CACHE_LIMIT:  # generated code: stay bounded
+            self._verdicts.clear()
+            self._codes.clear()
+        self._verdicts[id(code)] = library
+        self._codes[id(code)] = code
         return library
 
     # -- formatting (export time) ---------------------------------------------------
@@ -102,7 +109,10 @@ class SiteFinder:
             return "unknown"
         text = self._names.get(site)
         if text is None:
-            code, line = site
+            code_id, line = site
+            code = self._codes.get(code_id)
+            if code is None:
+                return "unknown"
             text = f"{relative_path(code.co_filename)}:{line}:{code.co_name}"
             if len(self._names) >= _CACHE_LIMIT:
                 self._names.clear()

@@ -65,6 +65,7 @@ def scan(pools: list[PoolMonitor]) -> int:
     now = time.perf_counter()
     for pm in pools:
         try:
+            pm.ledger.drain()  # fold returned holds off the hot path, and bound memory
             due = pm.due_long_held(now)
         except Exception as exc:
             swallow(pm, "watchdog", exc)
@@ -102,8 +103,7 @@ def alert(pm: PoolMonitor, hold: Hold, now: float) -> LongHeldEvent:
         stack=tuple(current_stack(pm, hold)),
     )
     with pm.ledger.lock:
-        if hold.site_totals:
-            hold.site_totals[LONG_HELD] += 1
+        pm.ledger.sites.totals(hold.site)[LONG_HELD] += 1
     stack_text = "".join(f"\n    {line}" for line in event.stack) or "\n    (no user frames)"
     log.warning(
         "pool %r: connection held for %.3f s (threshold %g s), checked out at %s by thread "

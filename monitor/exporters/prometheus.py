@@ -14,6 +14,8 @@ from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
+)
+from prometheus_client.core import (
     Metric as PromMetric,
 )
 from prometheus_client.registry import Collector

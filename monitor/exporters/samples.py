@@ -28,7 +28,7 @@ def pool_samples(snapshots: Iterable[Mapping[str, Any]]) -> Iterator[Sample]:
             value = snap.get(_section(metric), {}).get(metric.name)
             if value is None:
                 continue
-            if metric.attribute is None or metric.kind == "histogram" and "counts" in value:
+            if metric.attribute is None or (metric.kind == "histogram" and "counts" in value):
                 yield metric, base, value
             else:
                 for attr_value, v in value.items():

@@ -1,0 +1,207 @@
+"""Pool overview: is a pool running dry, since when, and is it waiting, holding or connecting?
+
+The first dashboard an on-call engineer opens for "requests are slow / timing out".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dashboards import ruleset as r
+from dashboards import series as s
+from dashboards.boards.common import TAGS, lbl, pool_filter, pool_variables, target_filter
+from dashboards.panels import (
+    GREEN,
+    ORANGE,
+    RED,
+    Board,
+    Q,
+    heatmap_panel,
+    stat_panel,
+    timeseries_panel,
+)
+from dashboards.thresholds import THRESHOLD_BY_NAME
+
+UID = "pool-monitor-overview"
+P = s.POOL
+
+
+def build() -> dict[str, Any]:
+    f = pool_filter()
+    saturation_limit = THRESHOLD_BY_NAME["pool_saturation_ratio"].default
+    wait_limit = THRESHOLD_BY_NAME["wait_time_p95_seconds"].default
+    rate = "[$__rate_interval]"
+    board = Board(
+        UID, "Pool monitor / Pool overview",
+        "Is a SQLAlchemy pool running dry, and is the time going to waiting for a connection, "
+        "holding one, or opening new ones?",
+        pool_variables(),
+    ).link("pool-monitor dashboards", TAGS)  # fmt: skip
+
+    board.row("Is the pool running dry?").add(
+        stat_panel(
+            "Saturation now (worst process)",
+            "Connections in use / the pool's maximum (pool_size + max_overflow), for the "
+            "busiest process of each pool. Red at the PoolSaturated alert threshold: the next "
+            "burst of requests will queue. Check the 'Sessions and code sites' dashboard for "
+            "what holds connections before raising pool_size.",
+            "percentunit",
+            [Q(f"max by ({P}) ({r.SATURATION}{{{f}}})", lbl(P))],
+            steps=((None, GREEN), (0.7, ORANGE), (saturation_limit, RED)),
+        ),
+        stat_panel(
+            "Callers waiting now",
+            "Callers blocked in pool.connect() waiting for a connection, summed over "
+            "processes. Anything above zero for long means every connection is checked out; "
+            "see the wait-time panels below.",
+            "short",
+            [Q(f"sum by ({P}) ({s.m('db.client.connection.pending_requests')}{{{f}}})",
+               lbl(P))],
+            steps=((None, GREEN), (1, RED)),
+        ),
+        stat_panel(
+            "Checkout timeouts in range",
+            "Checkouts that gave up after pool_timeout (the caller got "
+            "sqlalchemy.exc.TimeoutError) in the dashboard's time range. Any is a failed "
+            "request: see the PoolCheckoutTimeouts runbook.",
+            "short",
+            [Q(f"sum by ({P}) (increase({s.m('db.client.connection.timeouts')}{{{f}}}"
+               "[$__range]))", lbl(P), instant=True)],
+            steps=((None, GREEN), (1, RED)),
+        ),
+        stat_panel(
+            "pool-monitor errors in range",
+            "Exceptions swallowed by pool-monitor itself: in the application's hooks, and in "
+            "the sidecar while reading worker snapshots. Must be 0; otherwise the numbers on "
+            "these dashboards may be wrong. The application/sidecar log has the traceback.",
+            "short",
+            [Q(f"sum(increase({s.m('pool_monitor.errors')}{{{f}}}[$__range])) or vector(0)",
+               "hooks", instant=True),
+             Q(f"sum(increase({s.SNAPSHOT_ERRORS}{{{target_filter()}}}[$__range])) "
+               "or vector(0)", "snapshots", instant=True)],
+            steps=((None, GREEN), (1, RED)),
+        ),
+    )  # fmt: skip
+
+    board.row("Connections").add(
+        timeseries_panel(
+            "Connections by state vs max: $pool",
+            "Open connections of this pool summed over processes, stacked by state: 'used' "
+            "are checked out by the application, 'idle' wait in the pool. Dashed lines: "
+            "pool_size (idle connections kept) and max (pool_size + max_overflow). Above "
+            "pool_size the pool runs on overflow connections; when 'used' reaches max, new "
+            "checkouts wait. Idle at zero with used at max: pool too small or held too long.",
+            "short",
+            [Q(f"sum by ({s.STATE_LABEL}) ({s.m('db.client.connection.count')}{{{f}}})",
+               lbl(s.STATE_LABEL)),
+             Q(f"sum({s.m('db.client.connection.max')}{{{f}}})", "max"),
+             Q(f"sum({s.m('db.client.connection.idle.max')}{{{f}}})", "pool_size")],
+            stack=True, unstacked=("max", "pool_size"), colors={"^pool_size$": ORANGE},
+            repeat="pool",
+        ),
+        timeseries_panel(
+            "Saturation by process",
+            "used / max for each pool in each process (a pool lives in one process, so one "
+            "saturated replica can hide in a sum). The dashed line is the PoolSaturated "
+            "threshold. One replica high and others low: uneven load balancing or a stuck "
+            "request there; all high: look at hold time and code sites.",
+            "percentunit",
+            [Q(f"{r.SATURATION}{{{f}}}", lbl(P, "instance"))],
+            max_=1, threshold=saturation_limit,
+        ),
+        timeseries_panel(
+            "Overflow connections",
+            "Connections open beyond pool_size (up to max_overflow). They are closed when "
+            "returned, so a pool living in overflow pays connect time on most checkouts "
+            "(see 'Connect time'). Persistent overflow: pool_size is too small for the load.",
+            "short",
+            [Q(f"{s.m('sqlalchemy.pool.overflow')}{{{f}}}", lbl(P, "instance"))],
+        ),
+        timeseries_panel(
+            "Callers waiting (pending requests)",
+            "Callers waiting for a connection, per process. Sustained non-zero fires "
+            "PoolPendingRequestsSustained. Every waiting caller adds the wait time below to "
+            "its request.",
+            "short",
+            [Q(f"{s.m('db.client.connection.pending_requests')}{{{f}}}",
+               lbl(P, "instance"))],
+        ),
+    )  # fmt: skip
+
+    board.row("Waiting for a connection").add(
+        timeseries_panel(
+            "Wait time p50 / p95 / p99",
+            "How long pool.connect() took, from asking the pool to getting a connection "
+            "(includes opening a new one and pre-ping), per service over 5 minutes. A healthy "
+            "pool answers in well under a millisecond. The dashed line is the "
+            "PoolWaitTimeP95High threshold.",
+            "s",
+            [Q(f"{r.quantile_name(r.WAIT)}{{{f}}}", f"{lbl(P)} p{lbl('quantile')}")],
+            threshold=wait_limit,
+        ),
+        heatmap_panel(
+            "Wait-time distribution",
+            "Checkouts per second by how long they waited (histogram buckets). A second band "
+            "appearing at pool_timeout or at a round number of seconds means callers queue "
+            "behind connections held for that long.",
+            "s",
+            Q(f"sum by (le) ({r.bucket_rate_name(r.WAIT)}{{{f}}})", "{{le}}", heatmap=True),
+        ),
+        timeseries_panel(
+            "Checkout timeouts",
+            "Checkouts per second that failed with TimeoutError after pool_timeout. Each is a "
+            "failed request. Fires PoolCheckoutTimeouts.",
+            "ops",
+            [Q(f"sum by ({P}) (rate({s.m('db.client.connection.timeouts')}{{{f}}}{rate}))",
+               lbl(P))],
+        ),
+        timeseries_panel(
+            "Checkouts per second",
+            "Connections checked out per second: the load on the pool. Compare with wait and "
+            "hold time: more checkouts with the same hold time needs proportionally more "
+            "connections (Little's law: connections in use = checkouts/s x hold time).",
+            "ops",
+            [Q(f"sum by ({P}) (rate({s.m('sqlalchemy.pool.checkouts')}{{{f}}}{rate}))",
+               lbl(P))],
+        ),
+    )  # fmt: skip
+
+    board.row("Holding and opening connections").add(
+        timeseries_panel(
+            "Hold (use) time p50 / p99",
+            "How long connections stay checked out, checkout to return, per service over 5 "
+            "minutes. Hold time is what sizes the pool. A p99 of seconds usually means a "
+            "session held across an external call: the 'Sessions and code sites' dashboard "
+            "names the code.",
+            "s",
+            [Q(f"{r.quantile_name(r.USE)}{{{f}}}", f"{lbl(P)} p{lbl('quantile')}")],
+        ),
+        timeseries_panel(
+            "Connect time p50 / p99",
+            "Time to open a new DBAPI connection (TCP, TLS, authentication). Rises with "
+            "database load or network trouble; frequent connects (see overflow, "
+            "invalidations) multiply its cost.",
+            "s",
+            [Q(f"{r.quantile_name(r.CREATE)}{{{f}}}", f"{lbl(P)} p{lbl('quantile')}")],
+        ),
+        timeseries_panel(
+            "Invalidations by kind",
+            "Connections thrown away per second. 'hard': closed at once (usually a "
+            "disconnect error: database restart, failover, idle timeout on a proxy). 'soft': "
+            "replaced at next checkout (pool_recycle or pool-wide invalidation).",
+            "ops",
+            [Q(f"sum by ({P}, {s.KIND_LABEL}) "
+               f"(rate({s.m('sqlalchemy.pool.invalidations')}{{{f}}}{rate}))",
+               lbl(P, s.KIND_LABEL))],
+        ),
+        timeseries_panel(
+            "Connect errors",
+            "Failed attempts to open a DBAPI connection per second: database down, "
+            "max_connections reached, bad credentials or network. Compare with the "
+            "PostgreSQL dashboard's backends vs max_connections.",
+            "ops",
+            [Q(f"sum by ({P}) (rate({s.m('sqlalchemy.pool.connect_errors')}{{{f}}}{rate}))",
+               lbl(P))],
+        ),
+    )  # fmt: skip
+    return board.to_dict()

@@ -1,0 +1,73 @@
+"""The series a dashboard or rule may query, and the label names they carry.
+
+Why: the metric names are a contract (DESIGN.md). Panels look names up here instead of
+typing them, so a typo fails at generation time, and the tests check every expression
+against `allowed_metric_names()` so nothing outside the contract sneaks in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from monitor.catalogue import BY_NAME, CODE_SITE, KIND, LOCK_NAME, METRICS, POOL_NAME, STATE
+from monitor.catalogue import prometheus_label as _label
+
+#: Prometheus label names of the catalogue's attributes.
+POOL = _label(POOL_NAME)  # db_client_connection_pool_name
+STATE_LABEL = _label(STATE)  # db_client_connection_state
+SITE = _label(CODE_SITE)  # code_site
+KIND_LABEL = _label(KIND)  # kind
+LOCK = _label(LOCK_NAME)  # lock_name
+
+#: Labels a Kubernetes scrape (ServiceMonitor/PodMonitor) adds; dashboards filter on them.
+#: Series without them (a plain static scrape) still match, because every filter is a
+#: regex that the "All" value (`.*`) turns into match-anything, including the empty value.
+TARGET_LABELS: tuple[str, ...] = ("namespace", "job", "service")
+
+#: Series served by the sidecar's PostgreSQL collector (DESIGN.md, "Sidecar").
+PG_SERIES: tuple[str, ...] = (
+    "pg_app_backends",
+    "pg_app_idle_in_transaction_max_seconds",
+    "pg_app_transaction_max_seconds",
+    "pg_app_blocked_backends",
+    "pg_app_lock_wait_max_seconds",
+    "pg_max_connections",
+    "pg_reserved_connections",
+    "pg_up",
+)
+APPLICATION = "application_name"
+PG_STATE = "state"
+
+#: The sidecar's own failure counter (reading worker snapshots).
+SNAPSHOT_ERRORS = "pool_monitor_snapshot_errors_total"
+
+_HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def m(otel_name: str) -> str:
+    """Prometheus name of a catalogue metric, by its OpenTelemetry name."""
+    return BY_NAME[otel_name].prometheus_name
+
+
+def bucket(otel_name: str) -> str:
+    """The `_bucket` series of a catalogue histogram."""
+    metric = BY_NAME[otel_name]
+    if metric.kind != "histogram":
+        raise ValueError(f"{otel_name} is a {metric.kind}, not a histogram")
+    return metric.prometheus_name + "_bucket"
+
+
+def catalogue_series() -> frozenset[str]:
+    """Every series name the exporters produce for the catalogue (histograms expanded)."""
+    names: set[str] = set()
+    for metric in METRICS:
+        if metric.kind == "histogram":
+            names.update(metric.prometheus_name + s for s in _HISTOGRAM_SUFFIXES)
+        else:
+            names.add(metric.prometheus_name)
+    return frozenset(names)
+
+
+def allowed_metric_names(recording_rules: Iterable[str] = ()) -> frozenset[str]:
+    """Catalogue series + sidecar PostgreSQL series + snapshot errors + our recordings."""
+    return catalogue_series() | set(PG_SERIES) | {SNAPSHOT_ERRORS} | set(recording_rules)

@@ -1,0 +1,434 @@
+"""Dashboards and rules as generated: drift, structure, allowed metrics, overrides, docs.
+
+No Prometheus needed; see test_dashboards_promtool.py and test_dashboards_prometheus.py
+for the checks that run the real binaries.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import dashboards
+from dashboards import build_dashboards
+from dashboards.__main__ import main as cli_main
+from dashboards.__main__ import stale_files
+from dashboards.inventory import dashboard_expressions, panels, rule_expressions, variable_queries
+from dashboards.promql import label_values_metric, metric_names, substitute
+from dashboards.ruleset import recording_names, render_rules
+from dashboards.series import PG_SERIES, SNAPSHOT_ERRORS, allowed_metric_names
+from dashboards.thresholds import ALERTS, THRESHOLDS, OverrideError, defaults_table
+from dashboards.writer import TABLE_BEGIN, TABLE_END, expected_files, with_thresholds_table
+from monitor.catalogue import METRICS
+
+PKG = Path(dashboards.__file__).resolve().parent
+ALLOWED = allowed_metric_names(recording_names())
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, dict[str, Any]]:
+    return build_dashboards()
+
+
+# ----------------------------------------------------------------------------- drift
+
+
+def test_committed_files_equal_generator_output() -> None:
+    expected = expected_files()
+    assert sorted(expected) == [
+        "json/demo-anti-pattern-vs-fix.json",
+        "json/pool-overview.json",
+        "json/postgresql.json",
+        "json/sessions-and-code-sites.json",
+        "rules/alerts.yml",
+        "rules/recording.yml",
+    ]
+    for rel, text in expected.items():
+        committed = (PKG / rel).read_text(encoding="utf-8")
+        assert committed == text, f"{rel} is stale: run `python -m dashboards`"
+    assert sorted(p.name for p in (PKG / "json").glob("*.json")) == sorted(
+        rel.split("/")[1] for rel in expected if rel.startswith("json/")
+    ), "json/ holds a file the generator does not make"
+    assert stale_files(PKG) == []
+
+
+def test_readme_thresholds_table_is_current() -> None:
+    readme = (PKG / "README.md").read_text(encoding="utf-8")
+    assert with_thresholds_table(readme) == readme, "run `python -m dashboards`"
+    block = readme.split(TABLE_BEGIN)[1].split(TABLE_END)[0]
+    assert block == "\n" + defaults_table()
+    assert "| `pool_saturation_ratio` | 0.9 | ratio |" in block
+    assert "| [PoolSaturated](#poolsaturated) | 5m | warning |" in block
+
+
+def test_generate_writes_the_same_bytes_and_check_flags_edits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "README.md").write_text(f"# x\n{TABLE_BEGIN}\nold\n{TABLE_END}\n")
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "removed-board.json").write_text("{}")
+    written = dashboards.generate(tmp_path)
+    assert len(written) == 7
+    assert not (tmp_path / "json" / "removed-board.json").exists()
+    for rel, text in expected_files().items():
+        assert (tmp_path / rel).read_text(encoding="utf-8") == text
+    assert cli_main(["--check", "--out", str(tmp_path)]) == 0
+
+    path = tmp_path / "rules" / "alerts.yml"
+    path.write_text(path.read_text().replace("for: 5m", "for: 6m", 1))
+    assert cli_main(["--check", "--out", str(tmp_path)]) == 1
+    assert f"out of date: {path}" in capsys.readouterr().err
+
+
+def test_dashboard_json_is_deterministic() -> None:
+    first = expected_files()
+    assert expected_files() == first
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def test_dashboards_have_uids_titles_and_variables(models: dict[str, dict[str, Any]]) -> None:
+    uids = {name: m["uid"] for name, m in models.items()}
+    assert uids == {
+        "pool-overview.json": "pool-monitor-overview",
+        "sessions-and-code-sites.json": "pool-monitor-sessions",
+        "postgresql.json": "pool-monitor-postgresql",
+        "demo-anti-pattern-vs-fix.json": "pool-monitor-demo",
+    }
+    variables = {name: [v["name"] for v in m["templating"]["list"]] for name, m in models.items()}
+    assert variables == {
+        "pool-overview.json": ["datasource", "namespace", "job", "service", "pool"],
+        "sessions-and-code-sites.json": ["datasource", "namespace", "job", "service", "pool",
+                                         "lock"],
+        "postgresql.json": ["datasource", "namespace", "job", "service", "application"],
+        "demo-anti-pattern-vs-fix.json": ["datasource", "namespace", "job", "service"],
+    }
+    for model in models.values():
+        ds, *queries = model["templating"]["list"]
+        assert (ds["type"], ds["query"]) == ("datasource", "prometheus")
+        for var in queries:
+            assert var["type"] == "query"
+            assert var["includeAll"] and var["multi"] and var["allValue"] == ".*"
+            assert var["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+
+
+def test_pool_variable_uses_the_catalogue_pool_label(models: dict[str, dict[str, Any]]) -> None:
+    pool = next(v for v in models["pool-overview.json"]["templating"]["list"]
+                if v["name"] == "pool")
+    assert pool["query"] == (
+        'label_values(db_client_connection_count{namespace=~"$namespace", job=~"$job", '
+        'service=~"$service"}, db_client_connection_pool_name)'
+    )
+
+
+def test_every_panel_is_described_has_a_unit_and_queries_prometheus(
+    models: dict[str, dict[str, Any]],
+) -> None:
+    for name, model in models.items():
+        ids = []
+        for panel in panels(model):
+            ids.append(panel["id"])
+            if panel["type"] == "row":
+                continue
+            where = f"{name}: {panel['title']!r}"
+            assert len(panel.get("description", "")) >= 80, f"{where}: description too thin"
+            assert panel["fieldConfig"]["defaults"].get("unit"), f"{where}: no unit"
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, where
+            assert panel["targets"], f"{where}: no query"
+            for target in panel["targets"]:
+                assert target["datasource"] == panel["datasource"], where
+                assert target["expr"].strip(), where
+            refs = [t["refId"] for t in panel["targets"]]
+            assert len(set(refs)) == len(refs), where
+            grid = panel["gridPos"]
+            assert 0 < grid["w"] <= 24 and grid["x"] + grid["w"] <= 24, where
+        assert len(ids) == len(set(ids)), f"{name}: duplicate panel ids"
+
+
+def test_overview_has_the_panels_the_issue_asks_for(models: dict[str, dict[str, Any]]) -> None:
+    titles = [p["title"] for p in panels(models["pool-overview.json"])]
+    assert titles == [
+        "Is the pool running dry?",
+        "Saturation now (worst process)", "Callers waiting now", "Checkout timeouts in range",
+        "pool-monitor errors in range",
+        "Connections",
+        "Connections by state vs max: $pool", "Saturation by process", "Overflow connections",
+        "Callers waiting (pending requests)",
+        "Waiting for a connection",
+        "Wait time p50 / p95 / p99", "Wait-time distribution", "Checkout timeouts",
+        "Checkouts per second",
+        "Holding and opening connections",
+        "Hold (use) time p50 / p99", "Connect time p50 / p99", "Invalidations by kind",
+        "Connect errors",
+    ]  # fmt: skip
+    heat = next(p for p in panels(models["pool-overview.json"]) if p["type"] == "heatmap")
+    assert heat["targets"][0]["format"] == "heatmap"
+    assert heat["targets"][0]["expr"] == (
+        "sum by (le) (pool:db_client_connection_wait_time_seconds_bucket:rate5m{"
+        'namespace=~"$namespace", job=~"$job", service=~"$service", '
+        'db_client_connection_pool_name=~"$pool"})'
+    )
+
+
+def test_threshold_lines_match_the_alert_defaults(models: dict[str, dict[str, Any]]) -> None:
+    def line(board: str, title: str) -> float:
+        panel = next(p for p in panels(models[board]) if p["title"] == title)
+        steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        return float(steps[-1]["value"])
+
+    assert line("pool-overview.json", "Saturation by process") == 0.9
+    assert line("pool-overview.json", "Wait time p50 / p95 / p99") == 0.1
+    assert line("sessions-and-code-sites.json", "SQL vs idle share of hold time") == 0.8
+    assert line("postgresql.json", "Longest idle in transaction") == 30
+
+
+def test_demo_dashboard_follows_the_code_site_convention(
+    models: dict[str, dict[str, Any]],
+) -> None:
+    demo = models["demo-anti-pattern-vs-fix.json"]
+    rows = [p["title"] for p in panels(demo) if p["type"] == "row"]
+    assert rows == [
+        "external_call: session held across an external API call (anti vs three_stage)",
+        "pool_isolation: one pool for API requests and background jobs (shared vs split)",
+        "duplicate_rows: scalar_one_or_none() over duplicate rows (unsafe vs safe)",
+        "idempotent_payment: retried payments without an idempotency key (naive vs "
+        "idempotent)",
+        "lost_update: read-modify-write from two threads (naive vs pessimistic vs optimistic)",
+        "shared_session: one Session shared with a heartbeat thread (shared vs factory)",
+        "session_store: in-memory session store written by many threads (unlocked vs locked)",
+    ]
+    exprs = [e.expr for e in dashboard_expressions({"demo": demo})]
+    assert exprs[0] == (
+        'sum(rate(sqlalchemy_pool_site_use_time_seconds_total{namespace=~"$namespace", '
+        'job=~"$job", service=~"$service", '
+        'code_site=~"demo_app/scenarios/external_call.py:[0-9]+:anti_.*"}[$__rate_interval])) '
+        "or vector(0)"
+    )
+    for variant in ("three_stage", "unsafe", "safe", "naive", "idempotent", "pessimistic",
+                    "optimistic", "shared", "factory"):  # fmt: skip
+        assert any(f":[0-9]+:{variant}_.*" in e for e in exprs), variant
+    assert any('db_client_connection_pool_name="shared"' in e for e in exprs)
+    assert any('db_client_connection_pool_name=~"api|background"' in e for e in exprs)
+    assert any('lock_name="session-store"' in e for e in exprs)
+    lost = next(p for p in panels(demo) if p["title"] == "Checkouts per second"
+                and "lost_update" in p["targets"][0]["expr"])  # fmt: skip
+    assert [t["legendFormat"] for t in lost["targets"]] == [
+        "anti-pattern: naive_*", "fix: pessimistic_*", "fix: optimistic_*"]
+
+
+def test_demo_dashboard_matches_the_demo_scenarios() -> None:
+    """The dashboard's scenario table and the demo's must agree (names, variants, order)."""
+    demo_scenarios = pytest.importorskip("demo_app.scenarios")
+    from dashboards.boards.demo import SCENARIOS
+
+    assert [(sc.key, sc.variants) for sc in SCENARIOS] == [
+        (info.name, info.variants) for info in demo_scenarios.SCENARIOS.values()
+    ]
+
+
+# ----------------------------------------------------------------------------- metric names
+
+
+def test_metric_name_extraction() -> None:
+    assert metric_names(
+        'histogram_quantile(0.95, sum by (le, db_client_connection_pool_name) '
+        '(rate(db_client_connection_wait_time_seconds_bucket{job=~"$job"}[$__rate_interval])))'
+    ) == {"db_client_connection_wait_time_seconds_bucket"}
+    assert metric_names(
+        'a{x="b c"} / ignoring(db_client_connection_state) group_left(kind) (b > 0) '
+        "and on (job) c offset 5m or absent(pg_up) unless sum(d) without (instance) > bool 1e3"
+    ) == {"a", "b", "c", "pg_up", "d"}
+    assert metric_names(
+        'label_replace(rate(x_total[1m]), "function", "$1", "code_site", ".*:([^:]+)")'
+    ) == {"x_total"}
+    assert metric_names("pool:db_client_connection_saturation:ratio > 0.9") == {
+        "pool:db_client_connection_saturation:ratio"
+    }
+    assert metric_names("sum(x) or vector(0)") == {"x"}
+    with pytest.raises(ValueError, match="__name__"):
+        metric_names('{__name__="x"}')
+
+
+def test_grafana_variable_substitution() -> None:
+    assert substitute('rate(x{p=~"$pool", j=~"${job}"}[$__rate_interval])') == (
+        'rate(x{p=~".*", j=~".*"}[1m])'
+    )
+    assert substitute('label_replace(x, "f", "$1", "s", "(.*)")[$__range]') == (
+        'label_replace(x, "f", "$1", "s", "(.*)")[1h]'
+    )
+    assert label_values_metric('label_values(pg_up{job=~"$job"}, namespace)') == "pg_up"
+
+
+def test_allowed_set_is_catalogue_plus_sidecar_plus_recordings() -> None:
+    names = allowed_metric_names()
+    assert "db_client_connection_wait_time_seconds_bucket" in names
+    assert "db_client_connection_wait_time_seconds" not in names  # only the expanded series
+    assert "sqlalchemy_pool_checkouts_total" in names
+    assert "db_client_connection_idle_min" not in names  # semconv has it; we do not export it
+    assert set(PG_SERIES) | {SNAPSHOT_ERRORS} <= names
+    assert len(names) == sum(3 if m.kind == "histogram" else 1 for m in METRICS) + 9
+    assert "pool:db_client_connection_saturation:ratio" not in names
+    assert "pool:db_client_connection_saturation:ratio" in ALLOWED
+
+
+def test_every_dashboard_query_reads_only_allowed_metrics(
+    models: dict[str, dict[str, Any]],
+) -> None:
+    exprs = dashboard_expressions(models)
+    assert len(exprs) >= 60
+    bad = {e.source: sorted(metric_names(e.expr) - ALLOWED) for e in exprs
+           if metric_names(e.expr) - ALLOWED}  # fmt: skip
+    assert bad == {}
+    assert all(metric_names(e.expr) for e in exprs), "an expression selects no series"
+    used = set().union(*(metric_names(e.expr) for e in exprs))
+    # Every catalogue metric shows up somewhere, directly or through a recording rule.
+    from_rules = set().union(*(metric_names(e.expr) for e in rule_expressions(render_rules())))
+    for metric in METRICS:
+        stem = metric.prometheus_name
+        assert any(n.startswith(stem) for n in used | from_rules), f"{stem} is on no dashboard"
+
+
+def test_every_variable_and_rule_reads_only_allowed_metrics(
+    models: dict[str, dict[str, Any]],
+) -> None:
+    for e in variable_queries(models) + rule_expressions(render_rules()):
+        assert metric_names(e.expr) <= ALLOWED, e.source
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def _alerts(files: dict[str, str]) -> dict[str, dict[str, Any]]:
+    doc = yaml.safe_load(files["alerts.yml"])
+    return {r["alert"]: r for g in doc["groups"] for r in g["rules"]}
+
+
+def test_every_alert_has_for_severity_and_annotations() -> None:
+    alerts = _alerts(render_rules())
+    assert list(alerts) == [a.alert for a in ALERTS] == [
+        "PoolSaturated", "PoolPendingRequestsSustained", "PoolCheckoutTimeouts",
+        "PoolWaitTimeP95High", "PoolLongHeldConnections", "PoolHoldTimeMostlyIdle",
+        "PoolCrossThreadConnectionUse", "PostgresIdleInTransactionTooLong",
+        "PostgresConnectionsNearLimit", "PostgresCollectorDown", "PoolMonitorErrors",
+    ]  # fmt: skip
+    for name, rule in alerts.items():
+        assert re.fullmatch(r"\d+[smh]", rule["for"]), name
+        assert rule["labels"]["severity"] in ("info", "warning", "critical"), name
+        assert set(rule["annotations"]) == {"summary", "description", "runbook_url"}, name
+        assert rule["annotations"]["runbook_url"].endswith(
+            f"/dashboards/README.md#{name.lower()}"
+        )
+    assert alerts["PoolSaturated"]["expr"] == "pool:db_client_connection_saturation:ratio > 0.9"
+    assert alerts["PostgresCollectorDown"]["expr"] == "pg_up == 0 or absent(pg_up)"
+    assert alerts["PoolMonitorErrors"]["expr"] == "increase(pool_monitor_errors_total[10m]) > 0"
+
+
+def test_overrides_change_thresholds_durations_and_severity() -> None:
+    files = render_rules(
+        thresholds={"pool_saturation_ratio": 0.75, "pg_idle_in_transaction_seconds": 120},
+        for_={"PoolSaturated": "30s"},
+        severity={"PoolSaturated": "critical"},
+        disabled={"PostgresCollectorDown"},
+        runbook_base_url="https://runbooks.example/pool.md",
+    )
+    alerts = _alerts(files)
+    assert alerts["PoolSaturated"]["expr"] == "pool:db_client_connection_saturation:ratio > 0.75"
+    assert alerts["PoolSaturated"]["for"] == "30s"
+    assert alerts["PoolSaturated"]["labels"] == {"severity": "critical"}
+    assert "above 75% of the pool's maximum" in alerts["PoolSaturated"]["annotations"][
+        "description"]
+    assert alerts["PoolSaturated"]["annotations"]["runbook_url"] == (
+        "https://runbooks.example/pool.md#poolsaturated")
+    assert alerts["PostgresIdleInTransactionTooLong"]["expr"] == (
+        "pg_app_idle_in_transaction_max_seconds > 120")
+    assert "PostgresCollectorDown" not in alerts
+    assert files["recording.yml"] == render_rules()["recording.yml"]
+
+
+def test_template_values_pass_through_for_helm() -> None:
+    alerts = _alerts(render_rules(
+        thresholds={"pool_saturation_ratio": "{{ .Values.alerts.poolSaturated.threshold }}"},
+        for_={"PoolSaturated": "{{ .Values.alerts.poolSaturated.for }}"},
+    ))  # fmt: skip
+    assert alerts["PoolSaturated"]["expr"] == (
+        "pool:db_client_connection_saturation:ratio > "
+        "{{ .Values.alerts.poolSaturated.threshold }}")
+    assert alerts["PoolSaturated"]["for"] == "{{ .Values.alerts.poolSaturated.for }}"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"thresholds": {"pool_saturation": 0.9}}, "unknown threshold name(s) pool_saturation"),
+    ({"thresholds": {"pool_saturation_ratio": 1.5}}, "is a ratio in [0, 1]"),
+    ({"thresholds": {"pending_requests": -1}}, "must be >= 0"),
+    ({"thresholds": {"pending_requests": "3"}}, "must be a number"),
+    ({"for_": {"PoolSaturated": "5 minutes"}}, "must be a Prometheus duration"),
+    ({"for_": {"PoolSaturated": ""}}, "must be a Prometheus duration"),
+    ({"for_": {"NoSuchAlert": "5m"}}, "unknown alert (for) name(s) NoSuchAlert"),
+    ({"severity": {"PoolSaturated": "page"}}, "must be one of info, warning, critical"),
+    ({"disabled": {"PoolSaturatd"}}, "unknown alert (disabled) name(s) PoolSaturatd"),
+])  # fmt: skip
+def test_bad_overrides_are_rejected_with_a_useful_message(
+    kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(OverrideError) as excinfo:
+        render_rules(**kwargs)
+    assert message in str(excinfo.value)
+
+
+def test_every_threshold_is_used_by_an_alert() -> None:
+    used = {t for a in ALERTS for t in a.thresholds}
+    assert used == {t.name for t in THRESHOLDS}
+
+
+# ----------------------------------------------------------------------------- docs
+
+
+def _github_anchors(markdown: str) -> set[str]:
+    anchors = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", markdown, flags=re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchors.add(slug)
+    return anchors
+
+
+def test_readme_has_a_runbook_for_every_alert_and_documents_every_dashboard(
+    models: dict[str, dict[str, Any]],
+) -> None:
+    readme = (PKG / "README.md").read_text(encoding="utf-8")
+    anchors = _github_anchors(readme)
+    for rule in _alerts(render_rules()).values():
+        anchor = rule["annotations"]["runbook_url"].split("#")[1]
+        assert anchor in anchors, f"README has no '### {rule['alert']}' runbook section"
+        section = readme.split(f"### {rule['alert']}\n")[1].split("\n### ")[0]
+        assert "**Check**" in section and "**Fix**" in section, rule["alert"]
+    for model in models.values():
+        assert model["title"].split(" / ")[1] in readme
+    for rel in ("provisioning/datasources/pool-monitor.yml",
+                "provisioning/dashboards/pool-monitor.yml"):  # fmt: skip
+        assert rel in readme
+
+
+def test_provisioning_files_load_the_generated_dashboards(
+    models: dict[str, dict[str, Any]],
+) -> None:
+    ds = yaml.safe_load((PKG / "provisioning/datasources/pool-monitor.yml").read_text())
+    assert ds["apiVersion"] == 1
+    [source] = ds["datasources"]
+    assert source["type"] == "prometheus" and source["access"] == "proxy"
+    assert source["url"] == "${POOL_MONITOR_PROMETHEUS_URL}"
+    assert source["isDefault"] is False
+    providers = yaml.safe_load((PKG / "provisioning/dashboards/pool-monitor.yml").read_text())
+    [provider] = providers["providers"]
+    assert provider["type"] == "file"
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards/pool-monitor"
+    # Dashboards carry no numeric id (Grafana assigns one) and reach the data source only
+    # through the variable, so the provisioned source is picked up whatever its uid.
+    for model in models.values():
+        assert "id" not in model
+        assert json.dumps(model).count("pool-monitor-prometheus") == 0

@@ -97,8 +97,8 @@ class PoolMonitor:
     def __init__(self, engine: Engine, name: str, settings: Settings) -> None:
         self.name = name
         self.settings = settings
-        self.ledger = Ledger(settings.max_sites)
         self.sites = SiteFinder(settings.site_exclude, settings.site_include)
+        self.ledger = Ledger(settings.max_sites, self.sites.pin)
         self.active = False
         self._engine_ref = weakref.ref(engine)
         self._hooks = build_hooks(self)
@@ -198,7 +198,7 @@ class PoolMonitor:
             "pool %r: long-held connection from %s returned after %.3f s in all",
             self.name, site, held,
             extra={"pool": self.name, "site": site, "held_s": held,
-                   "thread": thread_name(hold.thread), "task": task_name(hold.task),
+                   "thread_name": thread_name(hold.thread), "task_name": task_name(hold.task),
                    "backend_pid": hold.pid},
         )  # fmt: skip
 

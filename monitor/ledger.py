@@ -10,6 +10,7 @@ import itertools
 import threading
 from bisect import bisect_left
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from monitor.catalogue import OTHER_SITE
@@ -77,13 +78,16 @@ class SiteTable:
     """Totals per code site, at most `limit` named sites; later ones share `other`.
 
     A site keeps its own series once it has one, so every exported counter only grows.
+    Its name is fixed when it gets one (`pin`), however many code objects come later.
     """
 
-    __slots__ = ("by_site", "limit", "other")
+    __slots__ = ("by_site", "limit", "names", "other", "pin")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, pin: Callable[[SiteKey | None], str]) -> None:
         self.limit = limit
+        self.pin = pin
         self.by_site: dict[SiteKey | None, list[float]] = {}
+        self.names: dict[SiteKey | None, str] = {}
         self.other = [0.0] * len(SITE_FIELDS)
 
     def totals(self, site: SiteKey | None) -> list[float]:
@@ -92,6 +96,7 @@ class SiteTable:
         if totals is None:
             if len(self.by_site) >= self.limit:
                 return self.other
+            self.names[site] = self.pin(site)
             totals = self.by_site[site] = [0.0] * len(SITE_FIELDS)
         return totals
 
@@ -102,7 +107,7 @@ class Ledger:
     __slots__ = ("closed", "counters", "create_time", "holds", "lock", "otel_queue", "seq",
                  "sites", "use_time", "wait_time", "waiting", "warned_sites")  # fmt: skip
 
-    def __init__(self, max_sites: int) -> None:
+    def __init__(self, max_sites: int, pin: Callable[[SiteKey | None], str]) -> None:
         self.lock = threading.Lock()
         self.holds: dict[Any, Hold] = {}
         #: Returned holds not yet folded into the totals (see `drain`).
@@ -110,7 +115,7 @@ class Ledger:
         self.waiting: dict[int, None] = {}
         self.otel_queue: deque[tuple[str, float]] | None = None
         self.seq = itertools.count()  # tokens for `waiting`; only uniqueness matters
-        self.sites = SiteTable(max_sites)
+        self.sites = SiteTable(max_sites, pin)
         self._zero()
 
     def _zero(self) -> None:
@@ -118,7 +123,7 @@ class Ledger:
         self.wait_time = Histogram()
         self.use_time = Histogram()
         self.create_time = Histogram()
-        self.sites = SiteTable(self.sites.limit)
+        self.sites = SiteTable(self.sites.limit, self.sites.pin)
         self.warned_sites: set[tuple[str, SiteKey | None]] = set()
 
     def reset_after_fork(self) -> None:
@@ -210,7 +215,8 @@ class Ledger:
             wait_time.sum = self.wait_time.sum
             use_time = self.use_time.to_dict()
             create_time = self.create_time.to_dict()
-            named = [(name_of(site), list(t)) for site, t in self.sites.by_site.items()]
+            names = self.sites.names
+            named = [(names[site], list(t)) for site, t in self.sites.by_site.items()]
             other = list(self.sites.other)
             known = set(self.sites.by_site)
             full = len(known) >= self.sites.limit

@@ -55,6 +55,7 @@ class SiteFinder:
         self._verdicts: dict[int, bool] = {}
         self._codes: dict[int, CodeType] = {}  # keeps ids unique; resolves sites to names
         self._names: dict[SiteKey, str] = {}
+        self._pinned: dict[int, CodeType] = {}  # code of named sites: never evicted
 
     # -- hot path ---------------------------------------------------------------------
     def find(self, frame: FrameType | None) -> SiteKey | None:
@@ -110,7 +111,7 @@ class SiteFinder:
         text = self._names.get(site)
         if text is None:
             code_id, line = site
-            code = self._codes.get(code_id)
+            code = self._codes.get(code_id) or self._pinned.get(code_id)
             if code is None:
                 return "unknown"
             text = f"{relative_path(code.co_filename)}:{line}:{code.co_name}"
@@ -118,6 +119,14 @@ class SiteFinder:
                 self._names.clear()
             self._names[site] = text
         return text
+
+    def pin(self, site: SiteKey | None) -> str:
+        """Name a site that gets its own series, and keep its code object (so its id, and
+        name, stay its own however many other code objects come and go)."""
+        name = self.name(site)
+        if site is not None and site[0] in self._codes:
+            self._pinned[site[0]] = self._codes[site[0]]
+        return name
 
     def user_frames(self, frames: Iterable[FrameType]) -> list[FrameType]:
         """Keep only the frames of user code (for the holder's current stack)."""

@@ -121,9 +121,11 @@ def alert(pm: PoolMonitor, hold: Hold, now: float) -> LongHeldEvent:
 
 
 def _extra(event: LongHeldEvent) -> dict[str, Any]:
+    # `thread_name`/`task_name`: LogRecord already has `thread` (an id) and, on 3.12+,
+    # `taskName`; extra keys may not overwrite them.
     return {"pool": event.pool, "age_s": event.age_s, "site": event.site,
-            "thread": event.thread, "task": event.task, "backend_pid": event.backend_pid,
-            "stack": list(event.stack)}  # fmt: skip
+            "thread_name": event.thread, "task_name": event.task,
+            "backend_pid": event.backend_pid, "stack": list(event.stack)}  # fmt: skip
 
 
 def _after_fork_in_child() -> None:

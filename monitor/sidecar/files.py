@@ -1,0 +1,159 @@
+"""Reading one snapshot file, defensively.
+
+A worker may be killed mid-write (the rename makes that invisible, but a foreign tool may
+not rename), a volume may fill up, an older or newer pool-monitor may write another
+format. Any file that is not a complete, valid version-1 document is rejected with a
+reason (`pool_monitor_snapshot_errors_total{reason}`), never merged in part: a half-valid
+document would make the merged counters wrong, which is worse than missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from monitor.exporters.snapshot import PREFIX, SNAPSHOT_VERSION, SUFFIX
+
+#: Default largest file read, bytes (a file with 64 pools of 1000 holds is ~25 MB: no).
+MAX_BYTES = 8 * 1024 * 1024
+
+REASONS = ("corrupt", "truncated", "oversized", "unknown_version", "invalid", "unreadable",
+           "incompatible")  # fmt: skip
+
+_NAME_RE = re.compile(re.escape(PREFIX) + r".+" + re.escape(SUFFIX) + "$")
+
+
+class Rejected(Exception):
+    """A file that cannot be merged; `reason` is one of `REASONS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What identifies one version of a file without reading it."""
+
+    inode: int
+    size: int
+    mtime_ns: int
+
+
+def is_snapshot_name(name: str) -> bool:
+    """Final snapshot files only: temp files start with a dot and end in `.tmp`."""
+    return not name.startswith(".") and bool(_NAME_RE.match(name))
+
+
+def signature(st: os.stat_result) -> Signature:
+    return Signature(st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read(path: str, size: int, max_bytes: int = MAX_BYTES) -> dict[str, Any]:
+    """Parse and validate one file (of `size` bytes when stat'ed); raise `Rejected`."""
+    if size > max_bytes:
+        raise Rejected("oversized", f"{size} bytes > limit {max_bytes}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise Rejected("unreadable", str(exc)) from None
+    if len(raw) > max_bytes:
+        raise Rejected("oversized", f"more than {max_bytes} bytes")
+    try:
+        doc = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise Rejected("corrupt", f"not UTF-8: {exc.reason}") from None
+    except json.JSONDecodeError as exc:
+        # Running out of input means a cut-off write; anything else is garbage.
+        tail = raw[exc.pos :].strip() if exc.pos < len(raw) else b""
+        reason = "truncated" if not tail or not raw.strip() else "corrupt"
+        raise Rejected(reason, f"{exc.msg} at byte {exc.pos} of {len(raw)}") from None
+    validate(doc)
+    return doc
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise Rejected("invalid", f"{where} is {value!r}, not a number")
+    return value
+
+
+def _counter(value: Any, where: str) -> None:
+    if isinstance(value, dict):
+        for key, v in value.items():
+            _number(v, f"{where}[{key!r}]")
+    else:
+        _number(value, where)
+
+
+def _histogram(value: Any, where: str) -> None:
+    if not isinstance(value, dict):
+        raise Rejected("invalid", f"{where} is not a histogram")
+    bounds, counts = value.get("bounds"), value.get("counts")
+    if not isinstance(bounds, list) or not isinstance(counts, list) or \
+            len(counts) != len(bounds) + 1:  # fmt: skip
+        raise Rejected("invalid", f"{where} has malformed bounds/counts")
+    for i, b in enumerate(bounds):
+        _number(b, f"{where}.bounds[{i}]")
+    for i, c in enumerate(counts):
+        _number(c, f"{where}.counts[{i}]")
+    _number(value.get("sum"), f"{where}.sum")
+
+
+def _gauge(value: Any, where: str) -> None:
+    _counter(value, where)  # same shape: a number, or {label value: number}
+
+
+def _section(pool: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = pool.get(key, {})
+    if not isinstance(value, dict):
+        raise Rejected("invalid", f"{where}.{key} is not an object")
+    return value
+
+
+def _lock_histograms(locks: Any) -> None:
+    if not isinstance(locks, dict):
+        raise Rejected("invalid", "locks is not an object")
+    for metric, by_lock in locks.items():
+        if not isinstance(by_lock, dict):
+            raise Rejected("invalid", f"locks[{metric!r}] is not an object")
+        for name, hist in by_lock.items():
+            _histogram(hist, f"locks[{metric!r}][{name!r}]")
+
+
+def validate(doc: Any) -> None:
+    """Everything the merge reads has the type it expects, or the whole file is rejected."""
+    if not isinstance(doc, dict):
+        raise Rejected("invalid", "not a JSON object")
+    if doc.get("version") != SNAPSHOT_VERSION:
+        raise Rejected("unknown_version", f"version {doc.get('version')!r}, this sidecar "
+                       f"reads version {SNAPSHOT_VERSION}")  # fmt: skip
+    process = doc.get("process")
+    if not isinstance(process, dict) or not isinstance(process.get("pid"), int):
+        raise Rejected("invalid", "process.pid missing")
+    _number(doc.get("written_at"), "written_at")
+    if _number(doc.get("interval"), "interval") <= 0:
+        raise Rejected("invalid", "interval must be positive")
+    pools = doc.get("pools")
+    if not isinstance(pools, list):
+        raise Rejected("invalid", "pools is not a list")
+    for i, pool in enumerate(pools):
+        where = f"pools[{i}]"
+        if not isinstance(pool, dict) or not isinstance(pool.get("pool"), str):
+            raise Rejected("invalid", f"{where}.pool missing")
+        for name, value in _section(pool, "counters", where).items():
+            _counter(value, f"{where}.counters[{name!r}]")
+        for name, value in _section(pool, "gauges", where).items():
+            _gauge(value, f"{where}.gauges[{name!r}]")
+        for name, value in _section(pool, "histograms", where).items():
+            _histogram(value, f"{where}.histograms[{name!r}]")
+        holds = pool.get("holds", [])
+        if not isinstance(holds, list) or not all(isinstance(h, dict) for h in holds):
+            raise Rejected("invalid", f"{where}.holds is not a list of objects")
+    _lock_histograms(doc.get("locks", {}))

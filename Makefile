@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[demo,dev]" --config-settings editable_mode=compat
+	$(BIN)/pip install --quiet -e ".[demo,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,7 +24,8 @@ test: $(STAMP)
 $(SA20_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(SA20_VENV)
 	$(SA20_VENV)/bin/pip install --quiet --upgrade pip
-	$(SA20_VENV)/bin/pip install --quiet -e ".[demo,dev]" "sqlalchemy>=2.0.30,<2.1" --config-settings editable_mode=compat
+	$(SA20_VENV)/bin/pip install --quiet -e ".[demo,dev]" "sqlalchemy>=2.0.30,<2.1" \
+		"opentelemetry-instrumentation-sqlalchemy>=0.47b0,<1"
 	touch $(SA20_VENV)/.installed
 
 test-sa20: $(SA20_VENV)/.installed

@@ -43,8 +43,8 @@ def swallow(monitor: PoolMonitor, where: str, exc: BaseException) -> None:
     with ledger.lock:
         ledger.counters.errors += 1
         key = (f"error:{where}:{type(exc).__name__}", None)
-        first = key not in ledger.warned_sites
-        ledger.warned_sites.add(key)
+        first = key not in ledger.logged_once
+        ledger.logged_once.add(key)
     if first:
         log.error("pool-monitor: %s hook failed for pool %r (counted in "
                   "pool_monitor_errors_total; logged once)", where, monitor.name,
@@ -69,7 +69,8 @@ def backend_pid(dbapi_connection: Any) -> int | None:
 
 
 def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
-    """Event name → handler for one pool. Pool events and cursor events."""
+    """Handlers for one pool: pool event listeners by event name, plus `checked_out` (called
+    by the pool subclass) and the statement timing pair (called by `timed_execute`)."""
     ledger = monitor.ledger
     find_site = monitor.sites.find
     # Bound once for the return path (a fork resets the ledger in place, keeping them).
@@ -183,9 +184,9 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
         label = "cross_thread" if kind == CROSS_THREAD else "concurrent"
         with ledger.lock:
             ledger.sites.totals(site)[kind] += 1
-            first = (label, site) not in ledger.warned_sites
-            if first and len(ledger.warned_sites) < 10_000:
-                ledger.warned_sites.add((label, site))
+            first = (label, site) not in ledger.logged_once
+            if first and len(ledger.logged_once) < 10_000:
+                ledger.logged_once.add((label, site))
         if first:
             names = monitor.thread_names
             misuse_log.warning(

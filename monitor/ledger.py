@@ -104,8 +104,8 @@ class SiteTable:
 class Ledger:
     """Everything one instrumented pool has measured in this process."""
 
-    __slots__ = ("closed", "counters", "create_time", "holds", "lock", "otel_queue", "seq",
-                 "sites", "use_time", "wait_time", "waiting", "warned_sites")  # fmt: skip
+    __slots__ = ("closed", "counters", "create_time", "holds", "lock", "logged_once",
+                 "otel_queue", "seq", "sites", "use_time", "wait_time", "waiting")  # fmt: skip
 
     def __init__(self, max_sites: int, pin: Callable[[SiteKey | None], str]) -> None:
         self.lock = threading.Lock()
@@ -124,7 +124,7 @@ class Ledger:
         self.use_time = Histogram()
         self.create_time = Histogram()
         self.sites = SiteTable(self.sites.limit, self.sites.pin)
-        self.warned_sites: set[tuple[str, SiteKey | None]] = set()
+        self.logged_once: set[tuple[str, SiteKey | None]] = set()
 
     def reset_after_fork(self) -> None:
         """Start from zero in a forked child: the parent's holds and counts are not its

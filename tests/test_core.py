@@ -423,6 +423,8 @@ def test_forked_child_starts_with_a_clean_ledger(engines: Engines) -> None:
             with engine.connect() as conn:
                 conn.exec_driver_sql("select 1")
             line += f" {pm.snapshot()['counters']['sqlalchemy.pool.checkouts']}"
+            watchdog = any(t.name == "pool-monitor-watchdog" for t in threading.enumerate())
+            line += f" {watchdog}"
             os.write(write, line.encode())
         finally:
             os._exit(0)
@@ -430,7 +432,7 @@ def test_forked_child_starts_with_a_clean_ledger(engines: Engines) -> None:
     os.waitpid(pid, 0)
     reported = os.read(read, 100).decode()
     os.close(read)
-    assert reported == "0 0 0 1"
+    assert reported == "0 0 0 1 True"  # clean ledger, and a watchdog of its own
     assert counter(pm, "sqlalchemy.pool.checkouts") == 1  # the parent keeps its own
     held.close()
 

@@ -20,6 +20,8 @@ import monitor
 from monitor.exporters.prometheus import MonitorCollector
 from tests.helpers import Engines, counter, wait_until
 
+pytestmark = pytest.mark.core
+
 THIS_FILE = "tests/test_insight.py"
 
 

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from monitor.catalogue import SECONDS_BUCKETS
 from monitor.exporters.snapshot import PREFIX, SNAPSHOT_VERSION, SUFFIX
 
 #: Default largest file read, bytes (a file with 64 pools of 1000 holds is ~25 MB: no).
@@ -24,6 +25,7 @@ MAX_BYTES = 8 * 1024 * 1024
 REASONS = ("corrupt", "truncated", "oversized", "unknown_version", "invalid", "unreadable",
            "incompatible")  # fmt: skip
 
+_BOUNDS = list(SECONDS_BUCKETS)
 _NAME_RE = re.compile(re.escape(PREFIX) + r".+" + re.escape(SUFFIX) + "$")
 
 
@@ -99,8 +101,9 @@ def _histogram(value: Any, where: str) -> None:
     if not isinstance(bounds, list) or not isinstance(counts, list) or \
             len(counts) != len(bounds) + 1:  # fmt: skip
         raise Rejected("invalid", f"{where} has malformed bounds/counts")
-    for i, b in enumerate(bounds):
-        _number(b, f"{where}.bounds[{i}]")
+    if bounds != _BOUNDS:
+        raise Rejected("incompatible", f"{where} has bucket bounds {bounds}, this sidecar "
+                       f"merges {_BOUNDS}")  # fmt: skip
     for i, c in enumerate(counts):
         _number(c, f"{where}.counts[{i}]")
     _number(value.get("sum"), f"{where}.sum")

@@ -1,0 +1,265 @@
+"""Every worker's snapshot file, merged into one view that never lets a counter go down.
+
+Per file (one per process, see `monitor.exporters.snapshot`) the aggregator keeps the
+last valid document. A process is *live* while its document is fresher than three of its
+intervals and not marked exited; only live processes contribute gauges and holds. Dead
+processes keep contributing their last counters and histograms, so the merged totals
+never drop when a worker exits or is killed.
+
+Why no file is ever deleted here: the sidecar runs with the snapshot volume mounted
+read-only (the issue's rule: it never writes there). The writers prune files nobody has
+rewritten for a minute; this class only has to forget them in memory, in two steps:
+
+1. *dead*: the document stays as is, for `retain_dead_s` (default 10 minutes). If the
+   process was only paused (SIGSTOP, a long GC, a frozen container) and writes again, it
+   simply becomes live again, with no double counting.
+2. *compacted*: after that its counters move into a per-pool retained total and the
+   document is dropped, so memory stays bounded however many workers come and go. Its
+   file name is remembered only while the file still exists, so an unchanged stale file
+   is neither re-read nor counted twice.
+
+A pool series that restarts inside a live process (uninstrumented, then instrumented
+again) is detected like a Prometheus counter reset, and its old values are compacted too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from monitor.sidecar import files, merge
+
+log = logging.getLogger("monitor.sidecar.aggregate")
+
+#: A process is live while its document is younger than this many of its intervals.
+FRESH_INTERVALS = 3.0
+
+
+@dataclass
+class Process:
+    """The last valid document of one snapshot file."""
+
+    name: str
+    sig: files.Signature
+    doc: dict[str, Any]
+    live: bool = True
+    dead_since: float | None = None
+
+    def stale(self, now: float) -> bool:
+        doc = self.doc
+        return bool(doc.get("exited")) or \
+            now - doc["written_at"] > FRESH_INTERVALS * doc["interval"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class View:
+    """One merge result: what every endpoint serves until the next scan."""
+
+    scanned_at: float
+    scan_s: float
+    pools: list[dict[str, Any]]
+    locks: dict[str, dict[str, Any]]
+    processes: list[dict[str, Any]]
+    errors: dict[str, int]
+    dir_error: str | None
+    scans: int
+
+    @property
+    def holds(self) -> list[dict[str, Any]]:
+        return [hold for pool in self.pools for hold in pool["holds"]]
+
+
+EMPTY = View(0.0, 0.0, [], {}, [], dict.fromkeys(files.REASONS, 0), None, 0)
+
+
+@dataclass
+class Aggregator:
+    """Scans one directory; `scan()` returns the merged `View`. Not thread-safe: one
+    scanning thread, any number of readers of the returned (never mutated) views."""
+
+    directory: str
+    max_bytes: int = files.MAX_BYTES
+    retain_dead_s: float = 600.0
+    clock: Callable[[], float] = time.time
+    procs: dict[str, Process] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(files.REASONS, 0))
+    _compacted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _compacted_locks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _rejected: dict[str, files.Signature] = field(default_factory=dict)
+    _forgotten: dict[str, files.Signature] = field(default_factory=dict)
+    _dir_error: str | None = None
+    _scans: int = 0
+
+    # -- reading the directory ------------------------------------------------------------
+    def _list(self) -> list[str]:
+        try:
+            names = [n for n in os.listdir(self.directory) if files.is_snapshot_name(n)]
+        except OSError as exc:
+            message = f"cannot read snapshot directory {self.directory}: {exc.strerror or exc}"
+            if message != self._dir_error:
+                self.errors["unreadable"] += 1
+                log.warning("%s; serving what was read before", message)
+            self._dir_error = message
+            return []
+        if self._dir_error is not None:
+            log.info("snapshot directory %s is readable again", self.directory)
+        self._dir_error = None
+        return names
+
+    def _reject(self, name: str, sig: files.Signature, exc: files.Rejected) -> None:
+        self._rejected[name] = sig
+        self.errors[exc.reason] += 1
+        log.warning("skipping snapshot file %s: %s (counted in "
+                    "pool_monitor_snapshot_errors_total{reason=%r})", name, exc, exc.reason)
+
+    def _accept(self, name: str, sig: files.Signature, doc: dict[str, Any]) -> None:
+        proc = self.procs.get(name)
+        if proc is None:
+            if self._forgotten.pop(name, None) is not None:
+                log.warning("process of %s wrote again after %.0f s presumed dead; its earlier "
+                            "counts are in the retained totals and now count twice", name,
+                            self.retain_dead_s)  # fmt: skip
+            self.procs[name] = Process(name, sig, doc)
+            return
+        proc.sig = sig
+        if doc["written_at"] < proc.doc["written_at"]:
+            return  # an older document put back: keep the newer one
+        old, new = _series(proc.doc), _series(doc)
+        for key, old_pool in old.items():
+            new_pool = new.get(key)
+            if new_pool is None or merge.went_backwards(old_pool, new_pool):
+                merge.add_totals(self._compacted.setdefault(key[0], merge.totals()), old_pool)
+        if merge.locks_went_backwards(proc.doc.get("locks", {}), doc.get("locks", {})):
+            merge.add_locks(self._compacted_locks, proc.doc.get("locks", {}))
+        proc.doc = doc
+        if not proc.live:
+            log.info("process of %s is writing again", name)
+            proc.live, proc.dead_since = True, None
+
+    def _compact(self, proc: Process, file_exists: bool) -> None:
+        for key, pool in _series(proc.doc).items():
+            merge.add_totals(self._compacted.setdefault(key[0], merge.totals()), pool)
+        merge.add_locks(self._compacted_locks, proc.doc.get("locks", {}))
+        del self.procs[proc.name]
+        if file_exists:
+            self._forgotten[proc.name] = proc.sig
+
+    # -- one scan -------------------------------------------------------------------------
+    def scan(self) -> View:
+        started = time.perf_counter()
+        now = self.clock()
+        seen: set[str] = set()
+        for name in self._list():
+            path = os.path.join(self.directory, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            seen.add(name)
+            sig = files.signature(st)
+            proc = self.procs.get(name)
+            if (proc is not None and proc.sig == sig) or self._rejected.get(name) == sig or \
+                    self._forgotten.get(name) == sig:  # fmt: skip
+                continue
+            try:
+                doc = files.read(path, st.st_size, self.max_bytes)
+            except files.Rejected as exc:
+                self._reject(name, sig, exc)
+                continue
+            self._rejected.pop(name, None)
+            self._accept(name, sig, doc)
+        if self._dir_error is None:  # a file gone means its process is gone
+            for name in [n for n in self._rejected if n not in seen]:
+                del self._rejected[name]
+            for name in [n for n in self._forgotten if n not in seen]:
+                del self._forgotten[name]
+        for proc in list(self.procs.values()):
+            if proc.live and (proc.stale(now) or
+                              (self._dir_error is None and proc.name not in seen)):  # fmt: skip
+                proc.live, proc.dead_since = False, now
+            if not proc.live and now - (proc.dead_since or now) > self.retain_dead_s:
+                self._compact(proc, proc.name in seen)
+        self._scans += 1
+        return self._view(now, started)
+
+    # -- the merged view ------------------------------------------------------------------
+    def _view(self, now: float, started: float) -> View:
+        pools: dict[str, dict[str, Any]] = {}
+
+        def pool_acc(name: str) -> dict[str, Any]:
+            acc = pools.get(name)
+            if acc is None:
+                kept = self._compacted.get(name, merge.totals())
+                acc = pools[name] = {
+                    "pool": name, "pool_class": None, "processes": 0, "gauges": {},
+                    "counters": merge.copy_totals(kept["counters"]),
+                    "histograms": merge.copy_totals(kept["histograms"]), "holds": [],
+                }  # fmt: skip
+            return acc
+
+        for name in self._compacted:
+            pool_acc(name)
+        locks = merge.copy_totals(self._compacted_locks)
+        processes: list[dict[str, Any]] = []
+        for proc in self.procs.values():
+            doc = proc.doc
+            process = doc["process"]
+            for pool in doc["pools"]:
+                acc = pool_acc(pool["pool"])
+                merge.add_totals(acc, pool)
+                if proc.live:
+                    acc["processes"] += 1
+                    acc["pool_class"] = pool.get("pool_class")
+                    merge.add_gauges(acc["gauges"], pool.get("gauges", {}))
+                    acc["holds"].extend(_holds(pool, process, doc["written_at"], now))
+            merge.add_locks(locks, doc.get("locks", {}))
+            processes.append(_process_summary(proc, now))
+        for acc in pools.values():
+            if not acc["processes"]:
+                acc["gauges"] = merge.copy_totals(merge.ZERO_GAUGES)
+            acc["holds"].sort(key=lambda h: h["age_s"], reverse=True)
+        ordered = [pools[name] for name in sorted(pools)]
+        return View(now, time.perf_counter() - started, ordered, locks, processes,
+                    dict(self.errors), self._dir_error, self._scans)  # fmt: skip
+
+
+def _series(doc: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """A process's pools keyed by (name, occurrence): two engines may share a pool name."""
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    seen: dict[str, int] = {}
+    for pool in doc["pools"]:
+        n = seen[pool["pool"]] = seen.get(pool["pool"], -1) + 1
+        out[(pool["pool"], n)] = pool
+    return out
+
+
+def _holds(pool: dict[str, Any], process: dict[str, Any], written_at: float, now: float
+           ) -> list[dict[str, Any]]:  # fmt: skip
+    """The pool's live holds, aged to `now` (not to when the file was written)."""
+    out = []
+    for hold in pool.get("holds", []):
+        started = hold.get("started_at")
+        if isinstance(started, (int, float)):
+            age = max(0.0, now - started)
+        else:
+            age = float(hold.get("age_s") or 0.0) + max(0.0, now - written_at)
+        out.append({**hold, "age_s": age, "pool": pool["pool"],
+                    "process": {"hostname": process.get("hostname"),
+                                "pid": process.get("pid")}})  # fmt: skip
+    return out
+
+
+def _process_summary(proc: Process, now: float) -> dict[str, Any]:
+    doc = proc.doc
+    process = doc["process"]
+    state = "live" if proc.live else ("exited" if doc.get("exited") else "dead")
+    return {"file": proc.name, "hostname": process.get("hostname"), "pid": process.get("pid"),
+            "start_time": process.get("start_time"), "argv0": process.get("argv0"),
+            "state": state, "written_at": doc["written_at"],
+            "age_s": max(0.0, now - doc["written_at"]), "interval": doc["interval"],
+            "pools": [p["pool"] for p in doc["pools"]],
+            "write_errors": (doc.get("writer") or {}).get("errors", 0)}  # fmt: skip

@@ -1,0 +1,118 @@
+"""Arithmetic on pool snapshots: summing several processes' numbers into one pool.
+
+Counters and histograms add up (per label value). Gauges add up too — the pod's pools
+together hold `used` connections — except the age of the oldest checkout, which is the
+oldest over every process. Everything here works in place on plain dicts, because the
+sidecar merges every worker's file every second (see the benchmark in the tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+#: Gauges that combine with max, not +.
+MAX_GAUGES = frozenset({"sqlalchemy.pool.oldest_checkout_age"})
+
+#: Gauges a pool reports as zero once no live process has it (capacity ones are omitted:
+#: a pool nobody runs has no capacity, and 0 would read as "exhausted").
+ZERO_GAUGES: dict[str, Any] = {
+    "db.client.connection.count": {"idle": 0, "used": 0},
+    "db.client.connection.pending_requests": 0,
+    "sqlalchemy.pool.oldest_checkout_age": 0.0,
+    "sqlalchemy.pool.long_held": 0,
+}
+
+
+def totals() -> dict[str, dict[str, Any]]:
+    """An empty accumulator for one pool's counters and histograms."""
+    return {"counters": {}, "histograms": {}}
+
+
+def add_value(acc: dict[str, Any], name: str, value: Any) -> None:
+    """acc[name] += value, for a number or a `{label value: number}` dict."""
+    if isinstance(value, Mapping):
+        into = acc.get(name)
+        if not isinstance(into, dict):
+            into = acc[name] = {}
+        for key, v in value.items():
+            into[key] = into.get(key, 0) + v
+    else:
+        current = acc.get(name, 0)
+        acc[name] = (current if not isinstance(current, dict) else 0) + value
+
+
+def add_histogram(acc: dict[str, Any], name: str, hist: Mapping[str, Any]) -> None:
+    """acc[name] += hist (same bounds: `files.validate` guarantees it)."""
+    into = acc.get(name)
+    if into is None:
+        acc[name] = {"bounds": list(hist["bounds"]), "counts": list(hist["counts"]),
+                     "sum": hist["sum"], "count": sum(hist["counts"])}  # fmt: skip
+        return
+    counts = into["counts"]
+    for i, c in enumerate(hist["counts"]):
+        counts[i] += c
+    into["sum"] += hist["sum"]
+    into["count"] = sum(counts)
+
+
+def add_totals(acc: dict[str, dict[str, Any]], pool: Mapping[str, Any]) -> None:
+    """Add one pool snapshot's counters and histograms into `acc` (see `totals()`)."""
+    counters = acc["counters"]
+    for name, value in pool.get("counters", {}).items():
+        add_value(counters, name, value)
+    histograms = acc["histograms"]
+    for name, hist in pool.get("histograms", {}).items():
+        add_histogram(histograms, name, hist)
+
+
+def add_gauges(acc: dict[str, Any], gauges: Mapping[str, Any]) -> None:
+    for name, value in gauges.items():
+        if name in MAX_GAUGES:
+            acc[name] = max(acc.get(name, value), value)
+        else:
+            add_value(acc, name, value)
+
+
+def add_locks(acc: dict[str, dict[str, Any]], locks: Mapping[str, Mapping[str, Any]]) -> None:
+    """`{metric: {lock name: histogram}}` summed into `acc`."""
+    for metric, by_lock in locks.items():
+        into = acc.setdefault(metric, {})
+        for lock_name, hist in by_lock.items():
+            add_histogram(into, lock_name, hist)
+
+
+def copy_totals(source: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy deep enough that adding into it leaves `source` alone."""
+    out: dict[str, Any] = {}
+    for name, value in source.items():
+        if isinstance(value, Mapping) and "counts" in value:
+            out[name] = {**value, "counts": list(value["counts"])}
+        elif isinstance(value, Mapping):
+            out[name] = copy_totals(value)
+        else:
+            out[name] = value
+    return out
+
+
+def went_backwards(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """True when a pool series restarted from zero inside one process (the engine was
+    uninstrumented and instrumented again): the old series must then be kept, as
+    Prometheus does with counter resets, or the merged counters would go down."""
+    old_c, new_c = old.get("counters", {}), new.get("counters", {})
+    if new_c.get("sqlalchemy.pool.checkouts", 0) < old_c.get("sqlalchemy.pool.checkouts", 0):
+        return True
+    old_h, new_h = old.get("histograms", {}), new.get("histograms", {})
+    for name, hist in old_h.items():
+        if sum(new_h.get(name, {}).get("counts", ())) < sum(hist["counts"]):
+            return True
+    return False
+
+
+def locks_went_backwards(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    for metric, by_lock in old.items():
+        for lock_name, hist in by_lock.items():
+            now = new.get(metric, {}).get(lock_name)
+            if now is None or sum(now["counts"]) < sum(hist["counts"]):
+                return True
+    return False

@@ -34,23 +34,36 @@ def _is_open(record: Any) -> bool:
     return getattr(record, "dbapi_connection", None) is not None
 
 
+def _queued_records(pool: Any) -> list[Any] | None:
+    """The records waiting in a QueuePool (sync: a deque at `.queue`; asyncio: an
+    asyncio.Queue whose deque is `._queue`), or None for a layout we do not know."""
+    queue = getattr(pool, "_pool", None)
+    for path in (("queue",), ("_queue", "_queue")):
+        target: Any = queue
+        for name in path:
+            target = getattr(target, name, None)
+        if target is not None and hasattr(target, "__iter__"):
+            return list(target)
+    return None
+
+
 def read_gauges(pool: Any, live_holds_on_pool: int, holds_elsewhere: int) -> PoolGauges:
     """Gauges for `pool`. `live_holds_on_pool` are our holds on this pool object;
     `holds_elsewhere` are holds still out on pools retired by `engine.dispose()`, which
     are open connections in use all the same."""
     if isinstance(pool, QueuePool):
         size = pool.size()
-        queue = getattr(getattr(pool, "_pool", None), "queue", None)
-        if queue is not None:
-            idle = sum(1 for record in list(queue) if _is_open(record))
+        queued = _queued_records(pool)
+        if queued is not None:
+            idle = sum(1 for record in queued if _is_open(record))
         else:  # pragma: no cover - a private layout we do not know
             idle = pool.checkedin()
         max_overflow = getattr(pool, "_max_overflow", -1)
         return PoolGauges(
             used=max(0, pool.checkedout()) + holds_elsewhere,
             idle=max(0, idle),
-            max=size + max_overflow if max_overflow >= 0 else None,
-            idle_max=size,
+            max=size + max_overflow if max_overflow >= 0 and size > 0 else None,
+            idle_max=size if size > 0 else None,  # pool_size=0 means no limit
             overflow=max(0, pool.overflow()),
         )
     used = live_holds_on_pool + holds_elsewhere

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from monitor.ledger import CLOSED_LIMIT, CONCURRENT, CROSS_THREAD, PID_KEY, Hold
+from monitor.ledger import CONCURRENT, CROSS_THREAD, FOLD_LIMIT, PID_KEY, Hold
 
 if TYPE_CHECKING:
     from monitor.instrument import PoolMonitor
@@ -78,6 +78,7 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
     holds = ledger.holds
     holds_get = holds.get
     holds_pop = holds.pop
+    opened_append = ledger.opened.append
     closed = ledger.closed
     closed_append = closed.append
 
@@ -89,12 +90,7 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
             started = connect_started.get()
             if started is not None:
                 connect_started.set(None)
-                elapsed = _perf() - started
-                with ledger.lock:
-                    ledger.create_time.observe(elapsed)
-                    ledger.counters.connects += 1
-                if ledger.otel_queue is not None:
-                    ledger.otel_queue.append(("create_time", elapsed))
+                ledger.record_create_time(_perf() - started)
             rec.info[PID_KEY] = backend_pid(dbapi_connection)
         except Exception as exc:
             swallow(monitor, "connect", exc)
@@ -104,7 +100,7 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
         pool subclass rather than a `checkout` listener: it is one frame from the caller
         (the site walk starts three SQLAlchemy frames closer to user code) and SQLAlchemy
         skips its whole checkout-event block when no `checkout` listener exists. No lock:
-        one atomic dict store; everything else is folded in when the ledger is read."""
+        a dict store and a deque append; the rest is folded in when the ledger is read."""
         try:
             if fairy._counter != 1:  # SingletonThreadPool re-entry: the hold is open
                 return
@@ -114,6 +110,7 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
                         find_site(caller), rec, pool)  # fmt: skip
             previous = holds_get(rec)
             holds[rec] = hold
+            opened_append(hold)
             if previous is not None:  # StaticPool hands one record out twice
                 previous.open = False
                 previous.end = hold.start
@@ -132,7 +129,7 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
             hold.end = end = _perf()
             hold.open = False
             closed_append(hold)
-            if len(closed) > CLOSED_LIMIT:  # nobody collecting: fold here, stay bounded
+            if len(closed) > FOLD_LIMIT:  # nobody folding (no watchdog?): stay bounded
                 ledger.drain()
             if hold.alerted:
                 monitor.report_return(hold, end - hold.start)
@@ -180,7 +177,7 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
     def misuse(hold: Hold, kind: int, thread: int) -> None:
         """Count a cross-thread or overlapping use at the executing site; warn once per
         (kind, site). Off the normal path: it only runs when something is wrong."""
-        site = find_site(_getframe(3))
+        site = find_site(_getframe(1))
         label = "cross_thread" if kind == CROSS_THREAD else "concurrent"
         with ledger.lock:
             ledger.sites.totals(site)[kind] += 1
@@ -202,35 +199,55 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
             )  # fmt: skip
 
     def statement_started(context: Any) -> Hold | None:
-        """Mark a hold as executing; detect cross-thread and overlapping use."""
+        """Mark a hold as executing; detect cross-thread and overlapping use. Same-thread
+        re-entry (a dialect whose executemany calls its own execute) is not overlap."""
         try:
             record = context._dbapi_connection._connection_record  # None once detached
-            hold = ledger.holds.get(record) if record is not None else None
+            hold = holds_get(record) if record is not None else None
             if hold is None:
                 return None
             thread = _get_ident()
-            if hold.depth:
-                misuse(hold, CONCURRENT, thread)
-            else:
-                hold.sql_t0 = _perf()
-            hold.depth += 1
             if thread != hold.thread:
+                hold.shared = True
                 misuse(hold, CROSS_THREAD, thread)
+            if hold.shared:  # two threads on one hold: keep the bookkeeping exact
+                with lock:
+                    overlaps = begin_statement(hold, thread)
+            else:
+                overlaps = begin_statement(hold, thread)
+            if overlaps:
+                misuse(hold, CONCURRENT, thread)
             return hold
         except Exception as exc:
             swallow(monitor, "execute", exc)
             return None
 
+    def begin_statement(hold: Hold, thread: int) -> bool:
+        """Start (or nest) a statement; True when it overlaps another thread's."""
+        overlaps = bool(hold.depth) and hold.exec_thread != thread
+        if not hold.depth:
+            hold.sql_t0 = _perf()
+            hold.exec_thread = thread
+        hold.depth += 1
+        return overlaps
+
     def statement_finished(hold: Hold) -> None:
         try:
-            if not hold.open or not hold.depth:
-                return
-            hold.depth -= 1
-            if not hold.depth and hold.sql_t0:
-                hold.sql += _perf() - hold.sql_t0
-                hold.sql_t0 = 0.0
+            if hold.shared:
+                with lock:
+                    end_statement(hold)
+            else:
+                end_statement(hold)
         except Exception as exc:
             swallow(monitor, "execute", exc)
+
+    def end_statement(hold: Hold) -> None:
+        if not hold.open or not hold.depth:
+            return
+        hold.depth -= 1
+        if not hold.depth and hold.sql_t0:
+            hold.sql += _perf() - hold.sql_t0
+            hold.sql_t0 = 0.0
 
     return {
         "do_connect": on_do_connect,
@@ -247,31 +264,56 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
     }
 
 
-def timed_execute(method: Callable[..., Any], started: Callable[[Any], Hold | None],
-                  finished: Callable[[Hold], None]) -> Callable[..., Any]:  # fmt: skip
-    """Wrap a dialect's `do_execute` / `do_executemany` / `do_execute_no_params` so the
-    DBAPI call is bracketed exactly (a failed statement included, through `finally`).
+def timed_execute(dialect: Any, started: Callable[[Any], Hold | None],
+                  finished: Callable[[Hold], None]) -> dict[str, Callable[..., Any]]:  # fmt: skip
+    """Wrappers for a dialect's `do_execute`, `do_executemany` and `do_execute_no_params`,
+    so the DBAPI call is bracketed exactly (a failed statement included, via `finally`).
 
     Why not `before/after_cursor_execute`: any ConnectionEvents listener on an engine makes
     every `Connection()` join the engine's dispatch and fire `engine_connect`, which costs
     about 1.5 µs on *every* checkout, SQL or not. These are public Dialect methods, set on
-    this engine's own dialect instance only. The context is always the last argument.
+    this engine's own dialect instance only, with the methods' own signatures (a dialect
+    may call them itself, with keywords, or without a context).
     """
+    execute = dialect.do_execute
+    executemany = dialect.do_executemany
+    execute_no_params = dialect.do_execute_no_params
 
-    def execute(*args: Any) -> Any:
-        hold = started(args[-1])
+    def do_execute(cursor: Any, statement: Any, parameters: Any, context: Any = None,
+                   **kw: Any) -> Any:  # fmt: skip
+        hold = started(context) if context is not None else None
         if hold is None:
-            return method(*args)
+            return execute(cursor, statement, parameters, context, **kw)
         try:
-            return method(*args)
+            return execute(cursor, statement, parameters, context, **kw)
         finally:
             finished(hold)
 
-    execute.__wrapped__ = method  # type: ignore[attr-defined]
-    execute.__pool_monitor__ = True  # type: ignore[attr-defined]
-    return execute
+    def do_executemany(cursor: Any, statement: Any, parameters: Any, context: Any = None,
+                       **kw: Any) -> Any:  # fmt: skip
+        hold = started(context) if context is not None else None
+        if hold is None:
+            return executemany(cursor, statement, parameters, context, **kw)
+        try:
+            return executemany(cursor, statement, parameters, context, **kw)
+        finally:
+            finished(hold)
 
+    def do_execute_no_params(cursor: Any, statement: Any, context: Any = None,
+                             **kw: Any) -> Any:  # fmt: skip
+        hold = started(context) if context is not None else None
+        if hold is None:
+            return execute_no_params(cursor, statement, context, **kw)
+        try:
+            return execute_no_params(cursor, statement, context, **kw)
+        finally:
+            finished(hold)
 
+    wrappers = {"do_execute": do_execute, "do_executemany": do_executemany,
+                "do_execute_no_params": do_execute_no_params}  # fmt: skip
+    for wrapper in wrappers.values():
+        wrapper.__pool_monitor__ = True  # type: ignore[attr-defined]
+    return wrappers
 
 
 #: No `reset` listener, although a terminate-only reset ends a hold: every such reset is

@@ -11,7 +11,6 @@ import os
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +21,14 @@ from sqlalchemy.engine import Engine
 from monitor.catalogue import SECONDS_BUCKETS
 from monitor.config import Settings, load_settings
 from monitor.gauges import read_gauges
-from monitor.hooks import DIALECT_EVENTS, EXECUTE_METHODS, POOL_EVENTS, build_hooks, timed_execute
-from monitor.ledger import OTEL_QUEUE_LIMIT, SITE_FIELDS, Hold, Ledger
+from monitor.hooks import (
+    DIALECT_EVENTS,
+    EXECUTE_METHODS,
+    POOL_EVENTS,
+    build_hooks,
+    timed_execute,
+)
+from monitor.ledger import SITE_FIELDS, Hold, Ledger
 from monitor.poolclass import instrumented_class, original_class
 from monitor.sites import SiteFinder
 
@@ -34,7 +39,8 @@ long_held_log = logging.getLogger("monitor.long_held")
 
 _registry: weakref.WeakKeyDictionary[Engine, PoolMonitor] = weakref.WeakKeyDictionary()
 _registry_lock = threading.Lock()
-_otel_enabled = False
+#: Called for every monitor, present and future (the OpenTelemetry bridges use it).
+_monitor_callbacks: list[Callable[[PoolMonitor], None]] = []
 
 _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433,
                   "oracle": 1521}  # fmt: skip
@@ -54,10 +60,14 @@ class LongHeldEvent:
 
 
 def _sync_engine(engine: Any) -> Engine:
-    sync = getattr(engine, "sync_engine", engine)  # AsyncEngine wraps a sync Engine
+    """The Engine that owns the pool: AsyncEngine wraps one; `engine.execution_options()`
+    returns an OptionEngine that shares its parent's pool and dialect."""
+    sync = getattr(engine, "sync_engine", engine)
     if not isinstance(sync, Engine):
         raise TypeError(f"instrument() needs a SQLAlchemy Engine or AsyncEngine, got "
                         f"{type(engine).__name__}")  # fmt: skip
+    while isinstance(getattr(sync, "_proxied", None), Engine):
+        sync = sync._proxied  # type: ignore[attr-defined]
     return sync
 
 
@@ -104,7 +114,9 @@ class PoolMonitor:
         self._hooks = build_hooks(self)
         self.checked_out = self._hooks["checked_out"]
         self._pool_class: type | None = None
-        self._listening: list[tuple[Any, str, Callable[..., Any]]] = []
+        # Weak: the registry is keyed weakly by engine, so nothing here may keep the engine
+        # (or its pool, which references it) alive once the application drops it.
+        self._listening: list[tuple[weakref.ref[Any], str, Callable[..., Any]]] = []
 
     # -- wiring ---------------------------------------------------------------------------
     @property
@@ -115,21 +127,19 @@ class PoolMonitor:
         engine = self.engine
         assert engine is not None
         self._swap_pool_class(engine.pool)
-        if _otel_enabled:
-            self.ledger.otel_queue = deque(maxlen=OTEL_QUEUE_LIMIT)
         for name in POOL_EVENTS:
             self._listen(engine.pool, name, self._hooks[name])
         for name in DIALECT_EVENTS:
             self._listen(engine, name, self._hooks[name])
-        dialect = engine.dialect
-        for name in EXECUTE_METHODS:
-            setattr(dialect, name, timed_execute(getattr(dialect, name),
-                    self._hooks["statement_started"], self._hooks["statement_finished"]))
+        wrappers = timed_execute(engine.dialect, self._hooks["statement_started"],
+                                 self._hooks["statement_finished"])  # fmt: skip
+        for name, wrapper in wrappers.items():
+            setattr(engine.dialect, name, wrapper)
         self.active = True
 
     def _listen(self, target: Any, name: str, fn: Callable[..., Any]) -> None:
         event.listen(target, name, fn)
-        self._listening.append((target, name, fn))
+        self._listening.append((weakref.ref(target), name, fn))
 
     def _swap_pool_class(self, pool: Any) -> None:
         base = original_class(type(pool))
@@ -160,8 +170,9 @@ class PoolMonitor:
 
     def _detach(self) -> None:
         self.active = False
-        for target, name, fn in reversed(self._listening):
-            if event.contains(target, name, fn):
+        for target_ref, name, fn in reversed(self._listening):
+            target = target_ref()
+            if target is not None and event.contains(target, name, fn):
                 event.remove(target, name, fn)
         self._listening.clear()
         engine = self.engine
@@ -169,13 +180,11 @@ class PoolMonitor:
             for name in EXECUTE_METHODS:
                 if getattr(engine.dialect.__dict__.get(name), "__pool_monitor__", False):
                     delattr(engine.dialect, name)
-            for target_pool in (engine.pool,):
-                for name in POOL_EVENTS:  # copies made by recreate() after a dispose()
-                    fn = self._hooks[name]
-                    if event.contains(target_pool, name, fn):
-                        event.remove(target_pool, name, fn)
-                if isinstance(target_pool, self._pool_class or ()):
-                    target_pool.__class__ = original_class(type(target_pool))
+            pool = engine.pool
+            for name in POOL_EVENTS:  # copies made by recreate() after a dispose()
+                _remove_copied_listener(pool, name, self._hooks[name])
+            if isinstance(pool, self._pool_class or ()):
+                pool.__class__ = original_class(type(pool))
 
     # -- long-held ------------------------------------------------------------------------
     def due_long_held(self, now: float) -> list[Hold]:
@@ -185,7 +194,8 @@ class PoolMonitor:
             return []
         due: list[Hold] = []
         with self.ledger.lock:
-            for hold in self.ledger.holds.values():
+            # A copy first: checkouts add to the dict without the lock.
+            for hold in list(self.ledger.holds.values()):
                 if not hold.alerted and now - hold.start >= threshold:
                     hold.alerted = True
                     due.append(hold)
@@ -207,7 +217,7 @@ class PoolMonitor:
         """Everything this monitor knows now, as plain JSON-ready data."""
         now = time.perf_counter()
         wall = time.time()
-        data = self.ledger.read(self.sites.name)
+        data = self.ledger.read()
         holds: list[Hold] = data["holds"]
         counters = data["counters"]
         sites = data["sites"]
@@ -282,6 +292,18 @@ class PoolMonitor:
         return f"<PoolMonitor pool={self.name!r} active={self.active}>"
 
 
+def _remove_copied_listener(pool: Any, name: str, fn: Callable[..., Any]) -> None:
+    """Remove `fn` from a pool made by `recreate()`. Its listeners are copies registered
+    under the *original* pool; once that pool is collected `event.remove` cannot reach
+    them, so they are taken out of the pool's own listener collection."""
+    if event.contains(pool, name, fn):
+        event.remove(pool, name, fn)
+        return
+    listeners = getattr(getattr(pool.dispatch, name), "listeners", None)
+    if listeners is not None and fn in listeners:
+        listeners.remove(fn)
+
+
 def instrument(engine: Any, pool_name: str | None = None, **settings: Any) -> PoolMonitor:
     """Start monitoring `engine`'s pool (an `Engine` or `AsyncEngine`).
 
@@ -299,9 +321,12 @@ def instrument(engine: Any, pool_name: str | None = None, **settings: Any) -> Po
         existing = _registry.get(sync)
         if existing is not None and existing.active:
             return existing
-        pm = PoolMonitor(sync, pool_name or default_pool_name(sync), resolved)
+        pm = PoolMonitor(sync, _unique_name(pool_name, sync), resolved)
         pm._attach()
         _registry[sync] = pm
+        callbacks = list(_monitor_callbacks)
+    for callback in callbacks:
+        callback(pm)
     from monitor import watchdog
 
     watchdog.ensure_running()
@@ -321,20 +346,39 @@ def uninstrument(engine: Any) -> None:
         pm._detach()
 
 
+def _unique_name(pool_name: str | None, engine: Engine) -> str:
+    """Two pools under one name would export duplicate series (Prometheus drops them): an
+    explicit clash is an error; a derived default name gets a `#2`, `#3`… suffix."""
+    taken = {pm.name for pm in _registry.values() if pm.active}
+    if pool_name is not None:
+        if pool_name in taken:
+            from monitor.config import ConfigError
+
+            raise ConfigError(f"pool_name {pool_name!r} is already used by another "
+                              f"instrumented engine; pool names must be unique per process")
+        return pool_name
+    name = default_pool_name(engine)
+    suffix = 2
+    candidate = name
+    while candidate in taken:
+        candidate = f"{name}#{suffix}"
+        suffix += 1
+    return candidate
+
+
 def monitors() -> list[PoolMonitor]:
     """Every active monitor in this process."""
     with _registry_lock:
         return [pm for pm in _registry.values() if pm.active]
 
 
-def enable_otel_queues() -> None:
-    """Start handing raw observations to the OpenTelemetry bridge (see exporters.otel)."""
-    global _otel_enabled
+def on_every_monitor(callback: Callable[[PoolMonitor], None]) -> None:
+    """Call `callback` for each active monitor now, and for each one instrumented later."""
     with _registry_lock:
-        _otel_enabled = True
-        for pm in _registry.values():
-            if pm.ledger.otel_queue is None:
-                pm.ledger.otel_queue = deque(maxlen=OTEL_QUEUE_LIMIT)
+        _monitor_callbacks.append(callback)
+        current = [pm for pm in _registry.values() if pm.active]
+    for pm in current:
+        callback(pm)
 
 
 def _after_fork_in_child() -> None:

@@ -1,13 +1,18 @@
 """Per-pool state: live holds, counters, histograms and per-site totals.
 
-Written by the hooks (one short lock per hook), read by the exporters at collection time.
-Gauges are not kept here: they are read from the live pool when collected (see `gauges`).
+The hooks write with atomic operations only (a dict store, deque appends): a checkout is
+appended to `opened`, a return to `closed`. Everything else is *folded* from those two
+queues, once per hold, when the ledger is read (every exporter reads) or on a watchdog
+tick. Folding each event exactly once is what keeps every exported counter monotonic
+however reads and returns interleave. Gauges are not kept here: they are read from the
+live pool when collected (see `gauges`).
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import weakref
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
@@ -22,35 +27,43 @@ USE, IDLE, CHECKOUTS, LONG_HELD, CROSS_THREAD, CONCURRENT = range(6)
 SITE_FIELDS = ("use_time", "idle_in_use_time", "checkouts", "long_held_events",
                "cross_thread_uses", "concurrent_uses")  # fmt: skip
 
-#: Bounded hand-off of raw observations to the OpenTelemetry bridge (only when enabled).
-OTEL_QUEUE_LIMIT = 100_000
+#: Raw observations kept per OpenTelemetry bridge between two of its collections.
+OTEL_QUEUE_LIMIT = 200_000
+#: Holds waiting to be folded; past this, the returning thread folds them itself.
+FOLD_LIMIT = 20_000
 #: Where the `connect` hook records a connection's server backend pid.
 PID_KEY = "pool_monitor.backend_pid"
-#: Returned holds waiting to be folded; past this, the returning thread folds them itself.
-CLOSED_LIMIT = 20_000
 
 
 class Hold:
-    """One live checkout: who borrowed the connection, where, and how it is being used."""
+    """One checkout: who borrowed the connection, where, and how it is being used."""
 
-    __slots__ = ("alerted", "depth", "end", "open", "pool", "record", "site", "sql", "sql_t0",
-                 "start", "task", "thread", "waited")  # fmt: skip
+    __slots__ = ("alerted", "depth", "end", "exec_thread", "open", "pool", "record", "shared",
+                 "site", "sql", "sql_t0", "start", "task_ref", "thread", "waited")  # fmt: skip
 
     def __init__(self, start: float, waited: float, thread: int, task: Any,
                  site: SiteKey | None, record: Any, pool: Any) -> None:  # fmt: skip
         self.start = start
         self.waited = waited
         self.thread = thread
-        self.task = task
+        # Weak: a task that leaks a connection and dies must stay collectable, so that
+        # SQLAlchemy's return-on-GC still gives the slot back.
+        self.task_ref = weakref.ref(task) if task is not None else None
         self.site = site
         self.record = record
         self.pool = pool
         self.sql = 0.0
         self.sql_t0 = 0.0
         self.depth = 0
+        self.exec_thread = 0
         self.end = 0.0
         self.open = True
         self.alerted = False
+        self.shared = False  # set once used from another thread: from then on, locked
+
+    @property
+    def task(self) -> Any:
+        return self.task_ref() if self.task_ref is not None else None
 
     @property
     def pid(self) -> int | None:
@@ -64,7 +77,8 @@ class Hold:
 class Counters:
     __slots__ = ("cancelled_waits", "checkouts", "closes", "connect_errors", "connects",
                  "detaches", "errors", "idle_in_use_time", "invalidations_hard",
-                 "invalidations_soft", "sql_time", "timeouts", "untracked_returns")  # fmt: skip
+                 "invalidations_soft", "otel_dropped", "sql_time", "timeouts",
+                 "untracked_returns")  # fmt: skip
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -105,15 +119,16 @@ class Ledger:
     """Everything one instrumented pool has measured in this process."""
 
     __slots__ = ("closed", "counters", "create_time", "holds", "lock", "logged_once",
-                 "otel_queue", "seq", "sites", "use_time", "wait_time", "waiting")  # fmt: skip
+                 "opened", "otel_queues", "seq", "sites", "use_time", "wait_time",
+                 "waiting")  # fmt: skip
 
     def __init__(self, max_sites: int, pin: Callable[[SiteKey | None], str]) -> None:
         self.lock = threading.Lock()
-        self.holds: dict[Any, Hold] = {}
-        #: Returned holds not yet folded into the totals (see `drain`).
-        self.closed: deque[Hold] = deque()
+        self.holds: dict[Any, Hold] = {}  # live holds by connection record
+        self.opened: deque[Hold] = deque()  # checkouts not yet folded
+        self.closed: deque[Hold] = deque()  # returns not yet folded
         self.waiting: dict[int, None] = {}
-        self.otel_queue: deque[tuple[str, float]] | None = None
+        self.otel_queues: list[deque[tuple[str, float]]] = []  # one per OTel bridge
         self.seq = itertools.count()  # tokens for `waiting`; only uniqueness matters
         self.sites = SiteTable(max_sites, pin)
         self._zero()
@@ -130,123 +145,136 @@ class Ledger:
         """Start from zero in a forked child: the parent's holds and counts are not its
         own, and a lock another thread held at fork time would never be released. Done in
         place (`_at_fork_reinit`, as the standard library does), because the hooks keep
-        direct references to the lock and the holds dict."""
+        direct references to the lock, the holds dict and the queues."""
         reinit = getattr(self.lock, "_at_fork_reinit", None)
         if reinit is not None:
             reinit()
-        self.holds.clear()
-        self.closed.clear()
-        self.waiting.clear()
-        if self.otel_queue is not None:
-            self.otel_queue.clear()
+        for container in (self.holds, self.opened, self.closed, self.waiting,
+                          *self.otel_queues):  # fmt: skip
+            container.clear()
         self._zero()
 
-    # -- folding returned holds into the totals (off the hot path) ------------------------
+    def add_otel_queue(self) -> deque[tuple[str, float]]:
+        queue: deque[tuple[str, float]] = deque()
+        with self.lock:
+            self.otel_queues = [*self.otel_queues, queue]
+        return queue
+
+    # -- folding (off the hot path) ---------------------------------------------------------
     def drain(self) -> None:
-        """Fold every returned hold into the totals. Checkin only appends to `closed` (an
-        atomic deque append, no lock); this runs on every read and watchdog tick."""
+        """Fold every queued checkout and return into the totals."""
         with self.lock:
             self._drain_locked()
 
     def _drain_locked(self) -> None:
-        """Fold returned holds in one tight loop (locals, inline bucket search): this work
-        still competes with the application for the GIL wherever it runs, so it is kept
-        small, not merely moved."""
-        closed = self.closed
-        if not closed:
-            return
-        popleft = closed.popleft
+        if self.opened:
+            self._fold_opened()
+        if self.closed:
+            self._fold_closed()
+
+    def _fold_opened(self) -> None:
+        """Checkouts: the count, the wait, the per-site count."""
+        popleft = self.opened.popleft
         bounds = self.wait_time.bounds
-        wait_counts = self.wait_time.counts
-        use_counts = self.use_time.counts
+        counts = self.wait_time.counts
         by_site = self.sites.by_site
         totals_for = self.sites.totals
-        otel = self.otel_queue
-        wait_sum = use_sum = sql_sum = idle_sum = 0.0
+        otel = self.otel_queues
         folded = 0
-        while True:
-            try:
-                hold = popleft()
-            except IndexError:
-                break
-            end = hold.end
-            held = end - hold.start
-            if held < 0.0:
-                held = 0.0
-            sql = hold.sql
-            if hold.depth and hold.sql_t0:  # returned mid-statement (a streaming cursor)
-                sql += end - hold.sql_t0
-            if sql > held:
-                sql = held
-            idle = held - sql
-            waited = hold.waited
-            wait_counts[bisect_left(bounds, waited)] += 1
-            use_counts[bisect_left(bounds, held)] += 1
-            wait_sum += waited
-            use_sum += held
-            sql_sum += sql
-            idle_sum += idle
-            folded += 1
-            totals = by_site.get(hold.site) or totals_for(hold.site)
-            totals[USE] += held
-            totals[IDLE] += idle
-            totals[CHECKOUTS] += 1
-            if otel is not None:
-                otel.append(("wait_time", waited))
-                otel.append(("use_time", held))
-            hold.task = None
-        self.wait_time.sum += wait_sum
-        self.use_time.sum += use_sum
-        counters = self.counters
-        counters.checkouts += folded
-        counters.sql_time += sql_sum
-        counters.idle_in_use_time += idle_sum
+        wait_sum = 0.0
+        try:
+            while True:
+                try:
+                    hold = popleft()
+                except IndexError:
+                    break
+                waited = hold.waited
+                counts[bisect_left(bounds, waited)] += 1
+                wait_sum += waited
+                folded += 1
+                (by_site.get(hold.site) or totals_for(hold.site))[CHECKOUTS] += 1
+                for queue in otel:
+                    self._to_otel(queue, "wait_time", waited)
+        finally:  # an error mid-way must not leave counts and histograms disagreeing
+            self.wait_time.sum += wait_sum
+            self.counters.checkouts += folded
+
+    def _fold_closed(self) -> None:
+        """Returns: hold, SQL and idle-in-use time, per pool and per site."""
+        popleft = self.closed.popleft
+        bounds = self.use_time.bounds
+        counts = self.use_time.counts
+        by_site = self.sites.by_site
+        totals_for = self.sites.totals
+        otel = self.otel_queues
+        use_sum = sql_sum = idle_sum = 0.0
+        try:
+            while True:
+                try:
+                    hold = popleft()
+                except IndexError:
+                    break
+                end = hold.end
+                held = end - hold.start
+                if held < 0.0:
+                    held = 0.0
+                sql = hold.sql
+                if hold.depth and hold.sql_t0:  # returned mid-statement (streaming cursor)
+                    sql += end - hold.sql_t0
+                if sql > held:
+                    sql = held
+                idle = held - sql
+                counts[bisect_left(bounds, held)] += 1
+                use_sum += held
+                sql_sum += sql
+                idle_sum += idle
+                totals = by_site.get(hold.site) or totals_for(hold.site)
+                totals[USE] += held
+                totals[IDLE] += idle
+                for queue in otel:
+                    self._to_otel(queue, "use_time", held)
+        finally:
+            self.use_time.sum += use_sum
+            counters = self.counters
+            counters.sql_time += sql_sum
+            counters.idle_in_use_time += idle_sum
+
+    def _to_otel(self, queue: deque[tuple[str, float]], kind: str, value: float) -> None:
+        if len(queue) >= OTEL_QUEUE_LIMIT:  # no collection for a long time: say so
+            self.counters.otel_dropped += 1
+            return
+        queue.append((kind, value))
+
+    def record_create_time(self, elapsed: float) -> None:
+        with self.lock:
+            self.create_time.observe(elapsed)
+            self.counters.connects += 1
+            for queue in self.otel_queues:
+                self._to_otel(queue, "create_time", elapsed)
 
     # -- read side ------------------------------------------------------------------------
-    def read(self, name_of: Any) -> dict[str, Any]:
-        """A consistent copy of everything, live holds included: their checkouts and waits
-        count now, their hold time when they return."""
+    def read(self) -> dict[str, Any]:
+        """A consistent copy of everything, after folding what is queued."""
         with self.lock:
             self._drain_locked()
             holds = list(self.holds.values())
-            counters = self.counters.to_dict()
-            wait_time = Histogram()
-            wait_time.counts = list(self.wait_time.counts)
-            wait_time.sum = self.wait_time.sum
-            use_time = self.use_time.to_dict()
-            create_time = self.create_time.to_dict()
             names = self.sites.names
-            named = [(names[site], list(t)) for site, t in self.sites.by_site.items()]
+            rows = [(names[site], list(t)) for site, t in self.sites.by_site.items()]
             other = list(self.sites.other)
-            known = set(self.sites.by_site)
-            full = len(known) >= self.sites.limit
-            pending = len(self.waiting)
-        counters["checkouts"] += len(holds)
-        sites: dict[str, list[float]] = {}
-        for name, totals in named:
-            _add(sites, name, totals)
+            result = {
+                "holds": holds,
+                "pending": len(self.waiting),
+                "counters": self.counters.to_dict(),
+                "histograms": {"db.client.connection.create_time": self.create_time.to_dict(),
+                               "db.client.connection.wait_time": self.wait_time.to_dict(),
+                               "db.client.connection.use_time": self.use_time.to_dict()},
+            }  # fmt: skip
         if any(other):
-            _add(sites, OTHER_SITE, other)
-        for hold in holds:
-            wait_time.observe(hold.waited)
-            live = [0.0] * len(SITE_FIELDS)
-            live[CHECKOUTS] = 1
-            in_table = hold.site in known or not full
-            _add(sites, name_of(hold.site) if in_table else OTHER_SITE, live)
+            rows.append((OTHER_SITE, other))
         columns: dict[str, dict[str, float]] = {f: {} for f in SITE_FIELDS}
-        for name, totals in sites.items():
+        for name, totals in rows:
             for index, field_name in enumerate(SITE_FIELDS):
-                columns[field_name][name] = totals[index]
-        return {"holds": holds, "counters": counters, "pending": pending, "sites": columns,
-                "histograms": {"db.client.connection.create_time": create_time,
-                               "db.client.connection.wait_time": wait_time.to_dict(),
-                               "db.client.connection.use_time": use_time}}  # fmt: skip
-
-
-def _add(sites: dict[str, list[float]], name: str, totals: list[float]) -> None:
-    existing = sites.get(name)
-    if existing is None:
-        sites[name] = list(totals)
-    else:
-        for index, value in enumerate(totals):
-            existing[index] += value
+                column = columns[field_name]
+                column[name] = column.get(name, 0.0) + totals[index]
+        result["sites"] = columns
+        return result

@@ -34,8 +34,10 @@ class LockStats:
 _stats_lock = threading.Lock()  # guards the histograms
 _registry_lock = threading.Lock()  # guards `_locks`; never held while taking _stats_lock
 _stats: dict[str, LockStats] = {}
-#: Raw observations for the OpenTelemetry bridge; None until it is enabled.
-otel_queue: deque[tuple[str, str, float]] | None = None
+#: Raw observations, one queue per OpenTelemetry bridge (see exporters.otel).
+_otel_queues: list[deque[tuple[str, str, float]]] = []
+_OTEL_LIMIT = 200_000
+otel_dropped = 0
 _locks: weakref.WeakValueDictionary[tuple[str, Hashable], Any] = weakref.WeakValueDictionary()
 
 
@@ -48,16 +50,23 @@ def _stats_for(name: str) -> LockStats:
 
 
 def _record(name: str, stats: LockStats, histogram: str, seconds: float) -> None:
+    global otel_dropped
     with _stats_lock:
         getattr(stats, histogram).observe(seconds)
-    if otel_queue is not None:
-        otel_queue.append((histogram, name, seconds))
+        for queue in _otel_queues:
+            if len(queue) < _OTEL_LIMIT:
+                queue.append((histogram, name, seconds))
+            else:
+                otel_dropped += 1
 
 
-def enable_otel_queue(limit: int) -> None:
-    global otel_queue
-    if otel_queue is None:
-        otel_queue = deque(maxlen=limit)
+def add_otel_queue() -> deque[tuple[str, str, float]]:
+    """A queue of raw observations for one more OpenTelemetry bridge."""
+    global _otel_queues
+    queue: deque[tuple[str, str, float]] = deque()
+    with _stats_lock:
+        _otel_queues = [*_otel_queues, queue]
+    return queue
 
 
 class InstrumentedLock:
@@ -83,13 +92,25 @@ class InstrumentedLock:
         return acquired
 
     def release(self) -> None:
-        self._depth -= 1
-        if self._depth == 0:
-            held = _perf() - self._acquired_at
+        depth = self._depth - 1
+        held = _perf() - self._acquired_at
+        self._depth = depth
+        try:
             self._lock.release()
+        except BaseException:  # not ours to release: leave the bookkeeping as it was
+            self._depth = depth + 1
+            raise
+        if depth == 0:
             _record(self.name, self._stats, "hold", held)
-        else:
-            self._lock.release()
+
+    def _after_fork(self) -> None:
+        """In a forked child: the lock is free again (its holder did not fork with us)."""
+        reinit = getattr(self._lock, "_at_fork_reinit", None)
+        if reinit is not None:
+            reinit()
+        else:  # pragma: no cover
+            self._lock = threading.RLock() if self.reentrant else threading.Lock()
+        self._depth = 0
 
     def locked(self) -> bool:
         return self._depth > 0
@@ -184,11 +205,20 @@ def lock_snapshot() -> dict[str, dict[str, Any]]:
 
 
 def _after_fork_in_child() -> None:
-    global _stats_lock, _registry_lock, _stats
+    """The child keeps its locks (a module-level `LOCK = monitor.lock(...)` must stay the
+    same lock as `monitor.lock(...)`), freed and with zeroed statistics."""
+    global _stats_lock, _registry_lock, otel_dropped
     _stats_lock = threading.Lock()
     _registry_lock = threading.Lock()
-    _stats = {}
-    _locks.clear()
+    for stats in _stats.values():
+        stats.wait = Histogram()
+        stats.hold = Histogram()
+    for instance in list(_locks.values()):
+        if isinstance(instance, InstrumentedLock):
+            instance._after_fork()
+    for queue in _otel_queues:
+        queue.clear()
+    otel_dropped = 0
 
 
 if hasattr(os, "register_at_fork"):

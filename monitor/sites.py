@@ -141,12 +141,17 @@ def _absolute(prefix: str) -> str:
 def relative_path(filename: str) -> str:
     """The path relative to the deepest import root (sys.path entry or cwd) containing it,
     so sites read like module paths and do not change between machines."""
-    path = os.path.abspath(filename)
+    try:
+        path = os.path.abspath(filename)
+        cwd = os.getcwd()
+    except OSError:  # the working directory was deleted: still name the site
+        return filename.replace(os.sep, "/")
     best = ""
-    for root in (os.getcwd(), *sys.path):
+    for root in (cwd, *sys.path):
         if not root:
             continue
-        root = os.path.abspath(root).rstrip(os.sep) + os.sep
+        root = os.path.join(cwd, root) if not os.path.isabs(root) else root
+        root = os.path.normpath(root).rstrip(os.sep) + os.sep
         if path.startswith(root) and len(root) > len(best):
             best = root
     return (path[len(best):] if best else path).replace(os.sep, "/")

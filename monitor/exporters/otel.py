@@ -2,44 +2,59 @@
 
 Gauges and counters are observable instruments read from snapshots at collection time.
 OpenTelemetry has no observable histogram, so durations reach the SDK's histograms by
-replay: the hooks append raw values to a bounded queue (only once this bridge is
-enabled), and an observable callback, which the SDK runs before it aggregates the
-synchronous instruments of the same collection, records them. Nothing OpenTelemetry does
-ever runs on the application's checkout path.
+replay: each bridge gets its own bounded queue of raw observations from every ledger and
+lock (filled when the ledger folds, never on the checkout path), and an observable
+callback, which the SDK runs before it aggregates the synchronous instruments of the same
+collection, records them. Nothing OpenTelemetry does runs on the application's checkout
+path; observations past the queue bound (no collection for a long time) are counted in
+the snapshot's `internal.otel_dropped`, not silently lost.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+import weakref
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from monitor.catalogue import LOCK_NAME, POOL_NAME, SECONDS_BUCKETS, Metric
+from monitor.catalogue import LOCK_NAME, METRICS, POOL_NAME, SECONDS_BUCKETS, Metric
 from monitor.exporters.samples import pool_samples
 
 _METER_NAME = "pool-monitor"
-_QUEUED = {"create_time": "db.client.connection.create_time",
-           "wait_time": "db.client.connection.wait_time",
-           "use_time": "db.client.connection.use_time"}  # fmt: skip
+_POOL_HISTOGRAMS = {"create_time": "db.client.connection.create_time",
+                    "wait_time": "db.client.connection.wait_time",
+                    "use_time": "db.client.connection.use_time"}  # fmt: skip
+_LOCK_HISTOGRAMS = {"wait": "app.lock.wait_time", "hold": "app.lock.hold_time"}
 
 _lock = threading.Lock()
 _bridges: list[OtelBridge] = []
 
 
 class OtelBridge:
-    """The instruments of one MeterProvider."""
+    """The instruments of one MeterProvider, and its own queues of observations."""
 
     def __init__(self, meter_provider: Any = None) -> None:
         from opentelemetry import metrics
 
-        provider = meter_provider or metrics.get_meter_provider()
+        from monitor import locks
+        from monitor.instrument import on_every_monitor
+
         self.meter_provider = meter_provider
+        provider = meter_provider or metrics.get_meter_provider()
         self.meter = provider.get_meter(_METER_NAME)
         self._histograms: dict[str, Any] = {}
-        from monitor.catalogue import METRICS
-
+        self._pool_queues: weakref.WeakKeyDictionary[Any, deque[tuple[str, float]]] = (
+            weakref.WeakKeyDictionary())
+        self._lock_queue = locks.add_otel_queue()
+        self._snapshots: tuple[float, list[dict[str, Any]]] = (0.0, [])
         for metric in METRICS:
             self._create(metric)
+        on_every_monitor(self._add_monitor)
+
+    def _add_monitor(self, pm: Any) -> None:
+        self._pool_queues[pm] = pm.ledger.add_otel_queue()
 
     def _create(self, metric: Metric) -> None:
         meter = self.meter
@@ -59,76 +74,52 @@ class OtelBridge:
         from opentelemetry.metrics import Observation
 
         def callback(options: Any) -> Iterable[Any]:
-            snapshots = _pool_snapshots()
+            snapshots = self._pool_snapshots()
             if metric.name == "db.client.connection.count":
-                self._replay(snapshots)  # first instrument collected: drain the queues
+                self._replay()  # the first instrument collected: the ledgers just folded
             for m, attributes, value in pool_samples(snapshots):
                 if m is metric:
                     yield Observation(value, attributes)
 
         return callback
 
-    def _replay(self, snapshots: list[dict[str, Any]]) -> None:
-        """Record queued durations into the SDK histograms (pool and lock metrics)."""
+    def _pool_snapshots(self) -> list[dict[str, Any]]:
+        """Snapshots for one collection: every callback runs within a few milliseconds,
+        so they share one read (which also folds the ledgers into this bridge's queues)."""
         from monitor.instrument import monitors
 
-        for pm in monitors():
-            queue = pm.ledger.otel_queue
-            if queue is None:
-                continue
+        now = time.monotonic()
+        taken, snapshots = self._snapshots
+        if now - taken > 0.05:
+            snapshots = [pm.snapshot() for pm in monitors()]
+            self._snapshots = (now, snapshots)
+        return snapshots
+
+    def _replay(self) -> None:
+        """Record this bridge's queued durations into the SDK histograms."""
+        for pm, queue in list(self._pool_queues.items()):
             attributes = {POOL_NAME: pm.name}
-            while True:
-                try:
-                    kind, value = queue.popleft()
-                except IndexError:
-                    break
-                self._histograms[_QUEUED[kind]].record(value, attributes)
-        self._replay_locks()
-
-    def _replay_locks(self) -> None:
-        from monitor import locks
-
-        queue = locks.otel_queue
-        while queue:
-            try:
-                histogram, name, value = queue.popleft()
-            except IndexError:
-                break
-            self._histograms[f"app.lock.{histogram}_time"].record(value, {LOCK_NAME: name})
+            for kind, value in _drain(queue):
+                self._histograms[_POOL_HISTOGRAMS[kind]].record(value, attributes)
+        for kind, name, value in _drain(self._lock_queue):
+            self._histograms[_LOCK_HISTOGRAMS[kind]].record(value, {LOCK_NAME: name})
 
 
-_cache: tuple[float, list[dict[str, Any]]] = (0.0, [])
-
-
-def _pool_snapshots() -> list[dict[str, Any]]:
-    """Snapshots for one collection: every instrument's callback runs within a few
-    milliseconds, so they share one read instead of taking one each."""
-    global _cache
-    import time
-
-    from monitor.instrument import monitors
-
-    now = time.monotonic()
-    taken, snapshots = _cache
-    if now - taken > 0.05:
-        snapshots = [pm.snapshot() for pm in monitors()]
-        _cache = (now, snapshots)
-    return snapshots
+def _drain(queue: deque[Any]) -> Iterable[Any]:
+    while True:
+        try:
+            yield queue.popleft()
+        except IndexError:
+            return
 
 
 def instrument_otel(meter_provider: Any = None) -> OtelBridge:
     """Publish every instrumented pool through OpenTelemetry (`meter_provider`, or the
-    global one). Call once per provider; later `instrument()` calls are included."""
-    from monitor import locks
-    from monitor.instrument import enable_otel_queues
-    from monitor.ledger import OTEL_QUEUE_LIMIT
-
+    global one). Once per provider; pools instrumented later are included."""
     with _lock:
         for bridge in _bridges:
             if bridge.meter_provider is meter_provider:
                 return bridge
         bridge = OtelBridge(meter_provider)
         _bridges.append(bridge)
-    enable_otel_queues()
-    locks.enable_otel_queue(OTEL_QUEUE_LIMIT)
     return bridge

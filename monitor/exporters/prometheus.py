@@ -6,6 +6,7 @@ and `start_http_server()` all just work, alongside the application's own metrics
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -70,7 +71,9 @@ class MonitorCollector(Collector):
         return []  # unchecked collector: families depend on what is instrumented
 
 
-_registered: dict[int, MonitorCollector] = {}
+# Weak: a registry that is gone must not leave its id "registered" for a new one.
+_registered: weakref.WeakKeyDictionary[CollectorRegistry, MonitorCollector] = (
+    weakref.WeakKeyDictionary())
 
 
 def _live_pool_snapshots() -> list[dict[str, Any]]:
@@ -87,11 +90,11 @@ def _live_lock_snapshot() -> Mapping[str, Mapping[str, Any]]:
 
 def register(registry: CollectorRegistry = REGISTRY) -> MonitorCollector:
     """Register this process's collector in `registry`, once per registry."""
-    collector = _registered.get(id(registry))
+    collector = _registered.get(registry)
     if collector is None:
         collector = MonitorCollector(_live_pool_snapshots, _live_lock_snapshot)
         registry.register(collector)
-        _registered[id(registry)] = collector
+        _registered[registry] = collector
     return collector
 
 

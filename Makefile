@@ -5,7 +5,7 @@ SA20_VENV ?= .venv-sa20
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-sa20 lint bench clean
+.PHONY: demo test test-sa20 lint bench dashboards clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test-sa20: $(SA20_VENV)/.installed
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# Regenerate the committed dashboards/rules and the Helm chart's copies of them.
+dashboards: $(STAMP)
+	$(BIN)/python -m dashboards
+	$(BIN)/python helm/sync_files.py
 
 bench: $(STAMP)
 	$(BIN)/pool-monitor bench $(ARGS)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from typing import Any
 
 SNAPSHOT_VERSION = 1
@@ -55,6 +57,8 @@ _lock = threading.Lock()
 _writers: dict[str, SnapshotWriter] = {}
 _configured: dict[str, float] = {}  # directory -> interval, survives fork
 _identity: dict[str, Any] | None = None
+_serials: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+_serial_counter = itertools.count(1)
 _write_errors = 0
 
 
@@ -91,9 +95,13 @@ def identity() -> dict[str, Any]:
     pid = os.getpid()
     if _identity is None or _identity["pid"] != pid:
         start, token = _proc_start()
-        _identity = {"hostname": socket.gethostname(), "pid": pid, "start_time": start,
-                     "argv0": os.path.basename(sys.argv[0]) if sys.argv else "",
-                     "start_token": token}  # fmt: skip
+        _identity = {
+            "hostname": socket.gethostname(),
+            "pid": pid,
+            "start_time": start,
+            "argv0": os.path.basename(sys.argv[0]) if sys.argv else "",
+            "start_token": token,
+        }
     return _identity
 
 
@@ -103,8 +111,20 @@ def file_name(ident: dict[str, Any]) -> str:
     return f"{PREFIX}{host}-{ident['pid']}-{ident['start_token']}{SUFFIX}"
 
 
+def _monitor_id(pm: Any) -> int:
+    """A number unique to this monitor object within the process: the sidecar tells a
+    pool that was uninstrumented and instrumented again (counters back at zero) from the
+    same series continuing. `id()` would do, except CPython reuses freed addresses."""
+    with _lock:
+        serial = _serials.get(pm)
+        if serial is None:
+            serial = _serials[pm] = next(_serial_counter)
+        return serial
+
+
 def _pool_snapshot(pm: Any) -> dict[str, Any]:
     snap = pm.snapshot()
+    snap["monitor_id"] = _monitor_id(pm)
     holds = snap.get("holds") or []
     if len(holds) > MAX_HOLDS_PER_POOL:
         holds.sort(key=lambda h: h.get("age_s", 0.0), reverse=True)
@@ -113,8 +133,9 @@ def _pool_snapshot(pm: Any) -> dict[str, Any]:
     return snap
 
 
-def process_snapshot(interval: float, exited: bool = False,
-                     writer: dict[str, int] | None = None) -> dict[str, Any]:  # fmt: skip
+def process_snapshot(
+    interval: float, exited: bool = False, writer: dict[str, int] | None = None
+) -> dict[str, Any]:
     """This process's document: every live monitor's `snapshot()` and the app locks."""
     from monitor.instrument import monitors
     from monitor.locks import lock_snapshot
@@ -147,8 +168,7 @@ class SnapshotWriter:
         self._stop = threading.Event()
         self._pid = os.getpid()
         self._next_prune = 0.0
-        self._thread = threading.Thread(target=self._run, name="pool-monitor-snapshot",
-                                        daemon=True)  # fmt: skip
+        self._thread = threading.Thread(target=self._run, name="pool-monitor-snapshot", daemon=True)
 
     @property
     def path(self) -> str:
@@ -167,8 +187,11 @@ class SnapshotWriter:
             if self._stop.wait(self.interval):
                 return
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 0.0) -> None:
+        """Stop the thread; with `timeout`, wait that long for a write in progress."""
         self._stop.set()
+        if timeout and self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def write(self, exited: bool = False, timeout: float = -1) -> bool:
         """Write the snapshot now; True if it reached the directory. Never raises."""
@@ -179,8 +202,11 @@ class SnapshotWriter:
                 return False  # the exit document stays the last word
             stats = {"writes": self.writes, "errors": self.errors}
             try:
-                data = json.dumps(process_snapshot(self.interval, exited, stats),
-                                  separators=(",", ":"), default=str)  # fmt: skip
+                data = json.dumps(
+                    process_snapshot(self.interval, exited, stats),
+                    separators=(",", ":"),
+                    default=str,
+                )
                 self._replace(data)
             except Exception as exc:
                 self._failed(exc)
@@ -189,8 +215,11 @@ class SnapshotWriter:
             self.final_written = exited
             if self._failing:
                 self._failing = False
-                log.info("pool-monitor snapshot writes to %s work again (after %d failures)",
-                         self.directory, self.errors)  # fmt: skip
+                log.info(
+                    "pool-monitor snapshot writes to %s work again (after %d failures)",
+                    self.directory,
+                    self.errors,
+                )
             return True
         finally:
             self._write_lock.release()
@@ -218,10 +247,14 @@ class SnapshotWriter:
             hint = " (read-only or not writable: mount it read-write for this container)"
         elif isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             hint = " (disk full: raise the volume's sizeLimit)"
-        log.warning("pool-monitor cannot write its snapshot into %s: %s%s; the application "
-                    "is unaffected, the sidecar will not see this process; failures are "
-                    "counted and logged again only after a recovery", self.directory, exc,
-                    hint)  # fmt: skip
+        log.warning(
+            "pool-monitor cannot write its snapshot into %s: %s%s; the application "
+            "is unaffected, the sidecar will not see this process; failures are "
+            "counted and logged again only after a recovery",
+            self.directory,
+            exc,
+            hint,
+        )
 
     def prune(self, now: float | None = None) -> int:
         """Remove other processes' files nobody rewrote for max(60 s, 30 intervals)."""

@@ -18,8 +18,10 @@ rewritten for a minute; this class only has to forget them in memory, in two ste
    file name is remembered only while the file still exists, so an unchanged stale file
    is neither re-read nor counted twice.
 
-A pool series that restarts inside a live process (uninstrumented, then instrumented
-again) is detected like a Prometheus counter reset, and its old values are compacted too.
+Series are per monitor (`monitor_id` in the file): when a live process uninstruments an
+engine, or instruments it again (counters back at zero), the old series' last values are
+compacted too. Within a series counters are held at their high-water mark (see
+`merge.high_water`), so the merged counters never dip.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ class Process:
 
     def stale(self, now: float) -> bool:
         doc = self.doc
-        return bool(doc.get("exited")) or \
-            now - doc["written_at"] > FRESH_INTERVALS * doc["interval"]  # fmt: skip
+        return (
+            bool(doc.get("exited")) or now - doc["written_at"] > FRESH_INTERVALS * doc["interval"]
+        )
 
 
 @dataclass(frozen=True)
@@ -113,16 +116,24 @@ class Aggregator:
     def _reject(self, name: str, sig: files.Signature, exc: files.Rejected) -> None:
         self._rejected[name] = sig
         self.errors[exc.reason] += 1
-        log.warning("skipping snapshot file %s: %s (counted in "
-                    "pool_monitor_snapshot_errors_total{reason=%r})", name, exc, exc.reason)
+        log.warning(
+            "skipping snapshot file %s: %s (counted in "
+            "pool_monitor_snapshot_errors_total{reason=%r})",
+            name,
+            exc,
+            exc.reason,
+        )
 
     def _accept(self, name: str, sig: files.Signature, doc: dict[str, Any]) -> None:
         proc = self.procs.get(name)
         if proc is None:
             if self._forgotten.pop(name, None) is not None:
-                log.warning("process of %s wrote again after %.0f s presumed dead; its earlier "
-                            "counts are in the retained totals and now count twice", name,
-                            self.retain_dead_s)  # fmt: skip
+                log.warning(
+                    "process of %s wrote again after %.0f s presumed dead; its earlier "
+                    "counts are in the retained totals and now count twice",
+                    name,
+                    self.retain_dead_s,
+                )
             self.procs[name] = Process(name, sig, doc)
             return
         proc.sig = sig
@@ -131,10 +142,10 @@ class Aggregator:
         old, new = _series(proc.doc), _series(doc)
         for key, old_pool in old.items():
             new_pool = new.get(key)
-            if new_pool is None or merge.went_backwards(old_pool, new_pool):
+            if new_pool is None:  # that monitor is gone (uninstrumented): keep its counts
                 merge.add_totals(self._compacted.setdefault(key[0], merge.totals()), old_pool)
-        if merge.locks_went_backwards(proc.doc.get("locks", {}), doc.get("locks", {})):
-            merge.add_locks(self._compacted_locks, proc.doc.get("locks", {}))
+            else:
+                merge.high_water(old_pool, new_pool)
         proc.doc = doc
         if not proc.live:
             log.info("process of %s is writing again", name)
@@ -162,8 +173,11 @@ class Aggregator:
             seen.add(name)
             sig = files.signature(st)
             proc = self.procs.get(name)
-            if (proc is not None and proc.sig == sig) or self._rejected.get(name) == sig or \
-                    self._forgotten.get(name) == sig:  # fmt: skip
+            if (
+                (proc is not None and proc.sig == sig)
+                or self._rejected.get(name) == sig
+                or self._forgotten.get(name) == sig
+            ):
                 continue
             try:
                 doc = files.read(path, st.st_size, self.max_bytes)
@@ -178,8 +192,9 @@ class Aggregator:
             for name in [n for n in self._forgotten if n not in seen]:
                 del self._forgotten[name]
         for proc in list(self.procs.values()):
-            if proc.live and (proc.stale(now) or
-                              (self._dir_error is None and proc.name not in seen)):  # fmt: skip
+            if proc.live and (
+                proc.stale(now) or (self._dir_error is None and proc.name not in seen)
+            ):
                 proc.live, proc.dead_since = False, now
             if not proc.live and now - (proc.dead_since or now) > self.retain_dead_s:
                 self._compact(proc, proc.name in seen)
@@ -195,10 +210,14 @@ class Aggregator:
             if acc is None:
                 kept = self._compacted.get(name, merge.totals())
                 acc = pools[name] = {
-                    "pool": name, "pool_class": None, "processes": 0, "gauges": {},
+                    "pool": name,
+                    "pool_class": None,
+                    "processes": 0,
+                    "gauges": {},
                     "counters": merge.copy_totals(kept["counters"]),
-                    "histograms": merge.copy_totals(kept["histograms"]), "holds": [],
-                }  # fmt: skip
+                    "histograms": merge.copy_totals(kept["histograms"]),
+                    "holds": [],
+                }
             return acc
 
         for name in self._compacted:
@@ -223,22 +242,30 @@ class Aggregator:
                 acc["gauges"] = merge.copy_totals(merge.ZERO_GAUGES)
             acc["holds"].sort(key=lambda h: h["age_s"], reverse=True)
         ordered = [pools[name] for name in sorted(pools)]
-        return View(now, time.perf_counter() - started, ordered, locks, processes,
-                    dict(self.errors), self._dir_error, self._scans)  # fmt: skip
+        return View(
+            now,
+            time.perf_counter() - started,
+            ordered,
+            locks,
+            processes,
+            dict(self.errors),
+            self._dir_error,
+            self._scans,
+        )
 
 
-def _series(doc: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
-    """A process's pools keyed by (name, occurrence): two engines may share a pool name."""
-    out: dict[tuple[str, int], dict[str, Any]] = {}
-    seen: dict[str, int] = {}
-    for pool in doc["pools"]:
-        n = seen[pool["pool"]] = seen.get(pool["pool"], -1) + 1
-        out[(pool["pool"], n)] = pool
+def _series(doc: dict[str, Any]) -> dict[tuple[str, Any], dict[str, Any]]:
+    """A process's pools keyed by (name, monitor id): two engines may share a pool name,
+    and a re-instrumented engine gets a new monitor (its counters restart from zero)."""
+    out: dict[tuple[str, Any], dict[str, Any]] = {}
+    for n, pool in enumerate(doc["pools"]):
+        out[(pool["pool"], pool.get("monitor_id", f"#{n}"))] = pool
     return out
 
 
-def _holds(pool: dict[str, Any], process: dict[str, Any], written_at: float, now: float
-           ) -> list[dict[str, Any]]:  # fmt: skip
+def _holds(
+    pool: dict[str, Any], process: dict[str, Any], written_at: float, now: float
+) -> list[dict[str, Any]]:
     """The pool's live holds, aged to `now` (not to when the file was written)."""
     out = []
     for hold in pool.get("holds", []):
@@ -247,9 +274,14 @@ def _holds(pool: dict[str, Any], process: dict[str, Any], written_at: float, now
             age = max(0.0, now - started)
         else:
             age = float(hold.get("age_s") or 0.0) + max(0.0, now - written_at)
-        out.append({**hold, "age_s": age, "pool": pool["pool"],
-                    "process": {"hostname": process.get("hostname"),
-                                "pid": process.get("pid")}})  # fmt: skip
+        out.append(
+            {
+                **hold,
+                "age_s": age,
+                "pool": pool["pool"],
+                "process": {"hostname": process.get("hostname"), "pid": process.get("pid")},
+            }
+        )
     return out
 
 
@@ -257,9 +289,16 @@ def _process_summary(proc: Process, now: float) -> dict[str, Any]:
     doc = proc.doc
     process = doc["process"]
     state = "live" if proc.live else ("exited" if doc.get("exited") else "dead")
-    return {"file": proc.name, "hostname": process.get("hostname"), "pid": process.get("pid"),
-            "start_time": process.get("start_time"), "argv0": process.get("argv0"),
-            "state": state, "written_at": doc["written_at"],
-            "age_s": max(0.0, now - doc["written_at"]), "interval": doc["interval"],
-            "pools": [p["pool"] for p in doc["pools"]],
-            "write_errors": (doc.get("writer") or {}).get("errors", 0)}  # fmt: skip
+    return {
+        "file": proc.name,
+        "hostname": process.get("hostname"),
+        "pid": process.get("pid"),
+        "start_time": process.get("start_time"),
+        "argv0": process.get("argv0"),
+        "state": state,
+        "written_at": doc["written_at"],
+        "age_s": max(0.0, now - doc["written_at"]),
+        "interval": doc["interval"],
+        "pools": [p["pool"] for p in doc["pools"]],
+        "write_errors": (doc.get("writer") or {}).get("errors", 0),
+    }

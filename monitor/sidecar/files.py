@@ -22,8 +22,15 @@ from monitor.exporters.snapshot import PREFIX, SNAPSHOT_VERSION, SUFFIX
 #: Default largest file read, bytes (a file with 64 pools of 1000 holds is ~25 MB: no).
 MAX_BYTES = 8 * 1024 * 1024
 
-REASONS = ("corrupt", "truncated", "oversized", "unknown_version", "invalid", "unreadable",
-           "incompatible")  # fmt: skip
+REASONS = (
+    "corrupt",
+    "truncated",
+    "oversized",
+    "unknown_version",
+    "invalid",
+    "unreadable",
+    "incompatible",
+)
 
 _BOUNDS = list(SECONDS_BUCKETS)
 _NAME_RE = re.compile(re.escape(PREFIX) + r".+" + re.escape(SUFFIX) + "$")
@@ -98,12 +105,16 @@ def _histogram(value: Any, where: str) -> None:
     if not isinstance(value, dict):
         raise Rejected("invalid", f"{where} is not a histogram")
     bounds, counts = value.get("bounds"), value.get("counts")
-    if not isinstance(bounds, list) or not isinstance(counts, list) or \
-            len(counts) != len(bounds) + 1:  # fmt: skip
+    if (
+        not isinstance(bounds, list)
+        or not isinstance(counts, list)
+        or len(counts) != len(bounds) + 1
+    ):
         raise Rejected("invalid", f"{where} has malformed bounds/counts")
     if bounds != _BOUNDS:
-        raise Rejected("incompatible", f"{where} has bucket bounds {bounds}, this sidecar "
-                       f"merges {_BOUNDS}")  # fmt: skip
+        raise Rejected(
+            "incompatible", f"{where} has bucket bounds {bounds}, this sidecar merges {_BOUNDS}"
+        )
     for i, c in enumerate(counts):
         _number(c, f"{where}.counts[{i}]")
     _number(value.get("sum"), f"{where}.sum")
@@ -135,8 +146,10 @@ def validate(doc: Any) -> None:
     if not isinstance(doc, dict):
         raise Rejected("invalid", "not a JSON object")
     if doc.get("version") != SNAPSHOT_VERSION:
-        raise Rejected("unknown_version", f"version {doc.get('version')!r}, this sidecar "
-                       f"reads version {SNAPSHOT_VERSION}")  # fmt: skip
+        raise Rejected(
+            "unknown_version",
+            f"version {doc.get('version')!r}, this sidecar reads version {SNAPSHOT_VERSION}",
+        )
     process = doc.get("process")
     if not isinstance(process, dict) or not isinstance(process.get("pid"), int):
         raise Rejected("invalid", "process.pid missing")

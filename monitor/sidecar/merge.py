@@ -46,8 +46,12 @@ def add_histogram(acc: dict[str, Any], name: str, hist: Mapping[str, Any]) -> No
     """acc[name] += hist (same bounds: `files.validate` guarantees it)."""
     into = acc.get(name)
     if into is None:
-        acc[name] = {"bounds": list(hist["bounds"]), "counts": list(hist["counts"]),
-                     "sum": hist["sum"], "count": sum(hist["counts"])}  # fmt: skip
+        acc[name] = {
+            "bounds": list(hist["bounds"]),
+            "counts": list(hist["counts"]),
+            "sum": hist["sum"],
+            "count": sum(hist["counts"]),
+        }
         return
     counts = into["counts"]
     for i, c in enumerate(hist["counts"]):
@@ -95,24 +99,33 @@ def copy_totals(source: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def went_backwards(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    """True when a pool series restarted from zero inside one process (the engine was
-    uninstrumented and instrumented again): the old series must then be kept, as
-    Prometheus does with counter resets, or the merged counters would go down."""
-    old_c, new_c = old.get("counters", {}), new.get("counters", {})
-    if new_c.get("sqlalchemy.pool.checkouts", 0) < old_c.get("sqlalchemy.pool.checkouts", 0):
-        return True
-    old_h, new_h = old.get("histograms", {}), new.get("histograms", {})
-    for name, hist in old_h.items():
-        if sum(new_h.get(name, {}).get("counts", ())) < sum(hist["counts"]):
-            return True
-    return False
+def high_water(old: Mapping[str, Any], new: dict[str, Any]) -> None:
+    """Raise `new`'s counters and histogram buckets to at least `old`'s, in place.
 
-
-def locks_went_backwards(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    for metric, by_lock in old.items():
-        for lock_name, hist in by_lock.items():
-            now = new.get(metric, {}).get(lock_name)
-            if now is None or sum(now["counts"]) < sum(hist["counts"]):
-                return True
-    return False
+    Within one monitor's series (same process, same `monitor_id`) counters only grow; a
+    smaller value is a snapshot taken while a connection was between two lock-free steps
+    of its return. Letting that through would make the merged counter dip, which
+    Prometheus' rate() reads as a reset and turns into a spike the size of the counter."""
+    new_c = new.get("counters", {})
+    for name, old_value in old.get("counters", {}).items():
+        value = new_c.get(name)
+        if isinstance(old_value, Mapping):
+            if not isinstance(value, dict):
+                value = new_c[name] = {}
+            for key, v in old_value.items():
+                if value.get(key, 0) < v:
+                    value[key] = v
+        elif value is None or isinstance(value, dict) or value < old_value:
+            new_c[name] = old_value
+    new_h = new.get("histograms", {})
+    for name, old_hist in old.get("histograms", {}).items():
+        hist = new_h.get(name)
+        if hist is None:
+            new_h[name] = old_hist
+            continue
+        counts = hist["counts"]
+        if any(c < o for c, o in zip(counts, old_hist["counts"], strict=True)):
+            hist["counts"] = [max(c, o) for c, o in zip(counts, old_hist["counts"], strict=True)]
+            hist["count"] = sum(hist["counts"])
+        if hist["sum"] < old_hist["sum"]:
+            hist["sum"] = old_hist["sum"]

@@ -112,8 +112,10 @@ class PgView:
     apps: dict[str, AppStats] = field(default_factory=dict)
 
 
-_SECRET_RES = (re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE),
-               re.compile(r"(://[^:/@\s]*:)([^@\s]*)(@)"))  # fmt: skip
+_SECRET_RES = (
+    re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE),
+    re.compile(r"(://[^:/@\s]*:)([^@\s]*)(@)"),
+)
 
 
 def redact(text: str) -> str:
@@ -134,8 +136,7 @@ def summarize(backends: list[Backend]) -> dict[str, AppStats]:
         stats = apps.setdefault(name, AppStats())
         stats.backends[b.state] = stats.backends.get(b.state, 0) + 1
         if b.state in IDLE_IN_TRANSACTION and b.state_age_s is not None:
-            stats.idle_in_transaction_max_s = max(stats.idle_in_transaction_max_s,
-                                                  b.state_age_s)  # fmt: skip
+            stats.idle_in_transaction_max_s = max(stats.idle_in_transaction_max_s, b.state_age_s)
         if b.xact_age_s is not None:
             stats.transaction_max_s = max(stats.transaction_max_s, b.xact_age_s)
         if b.blocked_by:
@@ -148,9 +149,17 @@ def summarize(backends: list[Backend]) -> dict[str, AppStats]:
 class PostgresCollector:
     """Polls one server in a daemon thread; `view` is the latest result (never blocks)."""
 
-    def __init__(self, dsn: str | None, interval: float = 5.0, *, show_query_text: bool = False,
-                 query_text_limit: int = sqltext.DEFAULT_LIMIT, backoff_max: float = 30.0,
-                 connect_timeout: int = 5, statement_timeout_ms: int = 2000) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dsn: str | None,
+        interval: float = 5.0,
+        *,
+        show_query_text: bool = False,
+        query_text_limit: int = sqltext.DEFAULT_LIMIT,
+        backoff_max: float = 30.0,
+        connect_timeout: int = 5,
+        statement_timeout_ms: int = 2000,
+    ) -> None:
         self.dsn = dsn
         self.interval = interval
         self.show_query_text = show_query_text
@@ -161,8 +170,9 @@ class PostgresCollector:
         self.polls = 0
         self.errors = 0
         self.last_success: float | None = None
-        self.view = PgView(configured=dsn is not None,
-                           error=None if dsn else "no PostgreSQL DSN configured")  # fmt: skip
+        self.view = PgView(
+            configured=dsn is not None, error=None if dsn else "no PostgreSQL DSN configured"
+        )
         self._conn: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -174,8 +184,7 @@ class PostgresCollector:
     def start(self) -> None:
         if self.dsn is None or self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._run, name="pool-monitor-postgres",
-                                        daemon=True)  # fmt: skip
+        self._thread = threading.Thread(target=self._run, name="pool-monitor-postgres", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -211,12 +220,19 @@ class PostgresCollector:
             message = redact(" ".join(str(exc).split())) or type(exc).__name__
             if "connection info string" in message or "invalid dsn" in message.lower():
                 message = f"invalid DSN: {message}"
-            self.view = PgView(configured=True, up=False, error=message,
-                               polled_at=time.time(),
-                               poll_s=time.perf_counter() - started)  # fmt: skip
+            self.view = PgView(
+                configured=True,
+                up=False,
+                error=message,
+                polled_at=time.time(),
+                poll_s=time.perf_counter() - started,
+            )
             if not self._failing:
-                log.warning("PostgreSQL unreachable: %s (pg_up 0; retrying with backoff up "
-                            "to %g s)", message, self.backoff_max)  # fmt: skip
+                log.warning(
+                    "PostgreSQL unreachable: %s (pg_up 0; retrying with backoff up to %g s)",
+                    message,
+                    self.backoff_max,
+                )
             self._failing = True
             return False
         if self._failing:
@@ -224,11 +240,16 @@ class PostgresCollector:
         self._failing = False
         now = time.time()
         self.last_success = now
-        self.view = PgView(configured=True, up=True, polled_at=now,
-                           poll_s=time.perf_counter() - started, max_connections=max_conn,
-                           reserved_connections=reserved,
-                           backends={b.pid: b for b in backends},
-                           apps=summarize(backends))  # fmt: skip
+        self.view = PgView(
+            configured=True,
+            up=True,
+            polled_at=now,
+            poll_s=time.perf_counter() - started,
+            max_connections=max_conn,
+            reserved_connections=reserved,
+            backends={b.pid: b for b in backends},
+            apps=summarize(backends),
+        )
         return True
 
     def _connect(self) -> Any:
@@ -236,8 +257,12 @@ class PostgresCollector:
             return self._conn
         import psycopg
 
-        conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=self.connect_timeout,
-                               application_name=APPLICATION_NAME)  # fmt: skip
+        conn = psycopg.connect(
+            self.dsn,
+            autocommit=True,
+            connect_timeout=self.connect_timeout,
+            application_name=APPLICATION_NAME,
+        )
         try:
             conn.execute(f"SET statement_timeout = {int(self.statement_timeout_ms)}")
             conn.execute(f"SET lock_timeout = {int(self.statement_timeout_ms)}")
@@ -260,19 +285,31 @@ class PostgresCollector:
         waiting = [r[0] for r in rows if r[3] == "Lock"]
         wait_s: dict[int, float] = {}
         if waiting:
-            wait_s = {pid: s for pid, s in conn.execute(_LOCK_WAITS, (waiting,)).fetchall()
-                      if s is not None}  # fmt: skip
+            wait_s = {
+                pid: s
+                for pid, s in conn.execute(_LOCK_WAITS, (waiting,)).fetchall()
+                if s is not None
+            }
         max_conn, reserved = conn.execute(_SETTINGS).fetchone()
         backends = []
         for pid, app, state, wtype, wevent, xact_age, state_age, blocked, query in rows:
             lock_wait = None
             if wtype == "Lock":  # waitstart can lag the wait briefly: fall back to state age
                 lock_wait = wait_s.get(pid, state_age)
-            backends.append(Backend(
-                pid=pid, application_name=app, state=state, wait_event_type=wtype,
-                wait_event=wevent, xact_age_s=xact_age, state_age_s=state_age,
-                blocked_by=tuple(blocked or ()), lock_wait_s=lock_wait,
-                query=sqltext.shown(query, self.query_text_limit) if self.show_query_text
-                else None,
-            ))  # fmt: skip
+            backends.append(
+                Backend(
+                    pid=pid,
+                    application_name=app,
+                    state=state,
+                    wait_event_type=wtype,
+                    wait_event=wevent,
+                    xact_age_s=xact_age,
+                    state_age_s=state_age,
+                    blocked_by=tuple(blocked or ()),
+                    lock_wait_s=lock_wait,
+                    query=sqltext.shown(query, self.query_text_limit)
+                    if self.show_query_text
+                    else None,
+                )
+            )
         return backends, max_conn, reserved

@@ -1,0 +1,183 @@
+"""`pool-monitor sidecar` options, validated before anything starts.
+
+A typo in a Helm value should fail the container at start with a message naming the
+option, not leave a sidecar that quietly serves nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from monitor.config import ConfigError
+from monitor.sidecar import files, sqltext
+
+DSN_ENV = "POOL_MONITOR_POSTGRES_DSN"
+DEFAULT_LISTEN = "0.0.0.0:9187"
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    snapshot_dir: str | None = None
+    postgres_dsn: str | None = None
+    postgres_interval: float = 5.0
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 9187
+    auth_token_file: str | None = None
+    insecure_api: bool = False
+    show_query_text: bool = False
+    query_text_limit: int = sqltext.DEFAULT_LIMIT
+    scan_interval: float = 1.0
+    max_snapshot_bytes: int = files.MAX_BYTES
+    retain_dead_s: float = 600.0
+    page_refresh_s: float = 2.0
+    log_level: str = "INFO"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[v6]:PORT` or `:PORT` (all interfaces)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--listen must be HOST:PORT with a port from 1 to 65535, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def _positive(name: str, value: float, low: float, high: float) -> float:
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be from {low:g} to {high:g}, got {value:g}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pool-monitor sidecar",
+        description="Serve every worker process's pools (from their snapshot files) and "
+        "PostgreSQL's view of them: /metrics, /api/pools, /api/checkouts, a live page at /.",
+    )
+    p.add_argument(
+        "--snapshot-dir",
+        help="directory the workers write snapshots into "
+        "(POOL_MONITOR_SNAPSHOT_DIR in the app); mount it read-only here",
+    )
+    p.add_argument(
+        "--postgres-dsn",
+        help=f"libpq DSN/URL to poll pg_stat_activity (also "
+        f"${DSN_ENV}; prefer that or --postgres-dsn-file: arguments show in ps)",
+    )
+    p.add_argument("--postgres-dsn-file", help="file holding the DSN (a mounted Secret)")
+    p.add_argument(
+        "--postgres-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds between PostgreSQL polls (default 5)",
+    )
+    p.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"address to serve on (default {DEFAULT_LISTEN})",
+    )
+    p.add_argument("--auth-token-file", help="file holding the bearer token /api/* and / require")
+    p.add_argument(
+        "--insecure-api",
+        action="store_true",
+        help="serve /api/* and / without a token on a non-loopback listener",
+    )
+    p.add_argument(
+        "--show-query-text",
+        action="store_true",
+        help="include each backend's query text in /api/checkouts (literals masked, truncated)",
+    )
+    p.add_argument(
+        "--query-text-limit",
+        type=int,
+        default=sqltext.DEFAULT_LIMIT,
+        metavar="CHARS",
+        help="truncate query text to this many characters",
+    )
+    p.add_argument(
+        "--scan-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between scans of the snapshot directory (default 1)",
+    )
+    p.add_argument(
+        "--max-snapshot-bytes",
+        type=int,
+        default=files.MAX_BYTES,
+        help="larger snapshot files are skipped and counted as oversized",
+    )
+    p.add_argument(
+        "--retain-dead",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="keep an exited worker's document this long before compacting it "
+        "into the retained totals (default 600)",
+    )
+    p.add_argument(
+        "--page-refresh",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how often the live page refreshes (default 2)",
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def _read_dsn_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            dsn = f.read().strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read --postgres-dsn-file {path}: {exc.strerror or exc}"
+        ) from None
+    if not dsn:
+        raise ConfigError(f"--postgres-dsn-file {path} is empty")
+    return dsn
+
+
+def parse(argv: list[str], environ: Mapping[str, str] | None = None) -> SidecarConfig:
+    """Arguments (and `POOL_MONITOR_POSTGRES_DSN`) to a validated config; `ConfigError`
+    on a bad value (argparse itself exits with status 2 on unknown options)."""
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    if args.postgres_dsn and args.postgres_dsn_file:
+        raise ConfigError("give --postgres-dsn or --postgres-dsn-file, not both")
+    dsn = args.postgres_dsn or (
+        _read_dsn_file(args.postgres_dsn_file)
+        if args.postgres_dsn_file
+        else environ.get(DSN_ENV) or None
+    )
+    host, port = parse_listen(args.listen)
+    if args.query_text_limit < 8 or args.query_text_limit > 10000:
+        raise ConfigError(
+            f"--query-text-limit must be from 8 to 10000, got {args.query_text_limit}"
+        )
+    if args.max_snapshot_bytes < 1024:
+        raise ConfigError(
+            f"--max-snapshot-bytes must be at least 1024, got {args.max_snapshot_bytes}"
+        )
+    return SidecarConfig(
+        snapshot_dir=args.snapshot_dir,
+        postgres_dsn=dsn,
+        postgres_interval=_positive("--postgres-interval", args.postgres_interval, 0.05, 3600),
+        listen_host=host,
+        listen_port=port,
+        auth_token_file=args.auth_token_file,
+        insecure_api=args.insecure_api,
+        show_query_text=args.show_query_text,
+        query_text_limit=args.query_text_limit,
+        scan_interval=_positive("--scan-interval", args.scan_interval, 0.05, 60),
+        max_snapshot_bytes=args.max_snapshot_bytes,
+        retain_dead_s=_positive("--retain-dead", args.retain_dead, 0, 86400 * 7),
+        page_refresh_s=_positive("--page-refresh", args.page_refresh, 0.2, 3600),
+        log_level=args.log_level,
+    )

@@ -1,0 +1,200 @@
+"""The sidecar's `/metrics`: merged pools, PostgreSQL's side, and the sidecar's own health.
+
+The merged pool series go through the same `samples` → `families` path as the in-process
+exporter, so a dashboard cannot tell a sidecar scrape from a worker scrape except by the
+numbers being whole-pod. The sidecar's health lives in a registry of its own: the data
+registry carries only what the workers and PostgreSQL measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import Metric as PromMetric
+from prometheus_client.registry import Collector
+
+from monitor.exporters.prometheus import families
+from monitor.exporters.samples import lock_samples, pool_samples
+from monitor.sidecar.aggregate import View
+from monitor.sidecar.postgres import PostgresCollector
+
+APP = "application_name"
+
+
+class MergedPoolsCollector(Collector):
+    """Every pool summed over every worker process (exited ones' counters included)."""
+
+    def __init__(self, view: Callable[[], View]) -> None:
+        self._view = view
+
+    def collect(self) -> Iterator[PromMetric]:
+        view = self._view()
+        yield from families([*pool_samples(view.pools), *lock_samples(view.locks)])
+
+    def describe(self) -> list[PromMetric]:
+        return []
+
+
+class PostgresMetrics(Collector):
+    """`pg_up`, `pg_max_connections`, `pg_reserved_connections` and `pg_app_*` (cached)."""
+
+    def __init__(self, collector: PostgresCollector) -> None:
+        self._pg = collector
+
+    def collect(self) -> Iterator[PromMetric]:
+        view = self._pg.view
+        if not view.configured:
+            return
+        up = GaugeMetricFamily("pg_up", "1 if the sidecar's last PostgreSQL poll succeeded.")
+        up.add_metric([], 1 if view.up else 0)
+        yield up
+        if not view.up:
+            return  # stale server figures would mislead more than none
+        for name, value, doc in (
+            ("pg_max_connections", view.max_connections, "Server max_connections."),
+            (
+                "pg_reserved_connections",
+                view.reserved_connections,
+                "superuser_reserved_connections + reserved_connections (16+).",
+            ),
+        ):
+            family = GaugeMetricFamily(name, doc)
+            family.add_metric([], value or 0)
+            yield family
+        backends = GaugeMetricFamily(
+            "pg_app_backends",
+            "Client backends by application_name and state.",
+            labels=[APP, "state"],
+        )
+        per_app = {
+            "pg_app_idle_in_transaction_max_seconds": (
+                "Longest time a backend of this application has been idle in transaction.",
+                lambda s: s.idle_in_transaction_max_s,
+            ),
+            "pg_app_transaction_max_seconds": (
+                "Age of this application's oldest open transaction.",
+                lambda s: s.transaction_max_s,
+            ),
+            "pg_app_blocked_backends": (
+                "Backends of this application waiting on a lock another backend holds.",
+                lambda s: s.blocked,
+            ),
+            "pg_app_lock_wait_max_seconds": (
+                "Longest current lock wait among this application's backends.",
+                lambda s: s.lock_wait_max_s,
+            ),
+        }
+        out = {
+            name: GaugeMetricFamily(name, doc, labels=[APP]) for name, (doc, _) in per_app.items()
+        }
+        for app, stats in sorted(view.apps.items()):
+            for state, n in sorted(stats.backends.items()):
+                backends.add_metric([app, state], n)
+            for name, (_, read) in per_app.items():
+                out[name].add_metric([app], read(stats))
+        yield backends
+        yield from out.values()
+
+    def describe(self) -> list[PromMetric]:
+        return []
+
+
+class HealthCollector(Collector):
+    """The sidecar itself: snapshot errors, processes seen, scan and poll timings."""
+
+    def __init__(self, view: Callable[[], View], pg: PostgresCollector) -> None:
+        self._view = view
+        self._pg = pg
+
+    def collect(self) -> Iterator[PromMetric]:
+        view = self._view()
+        errors = CounterMetricFamily(
+            "pool_monitor_snapshot_errors",
+            "Snapshot files skipped, by reason (each version of a bad file counted once).",
+            labels=["reason"],
+        )
+        for reason, n in sorted(view.errors.items()):
+            errors.add_metric([reason], n)
+        yield errors
+        processes = GaugeMetricFamily(
+            "pool_monitor_sidecar_processes",
+            "Worker processes known from snapshot files, by state.",
+            labels=["state"],
+        )
+        states = {"live": 0, "dead": 0, "exited": 0}
+        write_errors = 0
+        for proc in view.processes:
+            states[proc["state"]] = states.get(proc["state"], 0) + 1
+            if proc["state"] == "live":
+                write_errors += proc.get("write_errors") or 0
+        for state, n in states.items():
+            processes.add_metric([state], n)
+        yield processes
+        yield _gauge(
+            "pool_monitor_sidecar_worker_write_errors",
+            "Failed snapshot writes the live workers report (a full or read-only volume).",
+            write_errors,
+        )
+        yield _gauge(
+            "pool_monitor_sidecar_snapshot_dir_readable",
+            "1 if the snapshot directory could be listed at the last scan.",
+            0 if view.dir_error else 1,
+        )
+        yield _gauge(
+            "pool_monitor_sidecar_scan_duration_seconds",
+            "Time the last scan and merge of the snapshot files took.",
+            view.scan_s,
+        )
+        yield _gauge(
+            "pool_monitor_sidecar_last_scan_timestamp_seconds",
+            "When the snapshot files were last scanned (unix time).",
+            view.scanned_at,
+        )
+        if self._pg.view.configured:
+            pg = self._pg
+            polls = CounterMetricFamily(
+                "pool_monitor_sidecar_postgres_polls", "PostgreSQL polls attempted."
+            )
+            polls.add_metric([], pg.polls)
+            yield polls
+            errors = CounterMetricFamily(
+                "pool_monitor_sidecar_postgres_poll_errors", "PostgreSQL polls that failed."
+            )
+            errors.add_metric([], pg.errors)
+            yield errors
+            yield _gauge(
+                "pool_monitor_sidecar_postgres_poll_duration_seconds",
+                "Time the last PostgreSQL poll took.",
+                pg.view.poll_s,
+            )
+            if pg.last_success is not None:
+                yield _gauge(
+                    "pool_monitor_sidecar_postgres_last_success_timestamp_seconds",
+                    "When PostgreSQL was last polled successfully (unix time).",
+                    pg.last_success,
+                )
+
+    def describe(self) -> list[PromMetric]:
+        return []
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc)
+    family.add_metric([], value)
+    return family
+
+
+class Registries:
+    """The data registry (pools + PostgreSQL) and the health registry, exposed together."""
+
+    def __init__(self, view: Callable[[], View], pg: PostgresCollector) -> None:
+        self.data = CollectorRegistry(auto_describe=False)
+        self.data.register(MergedPoolsCollector(view))
+        self.data.register(PostgresMetrics(pg))
+        self.health = CollectorRegistry(auto_describe=False)
+        self.health.register(HealthCollector(view, pg))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.data) + generate_latest(self.health)

@@ -1,0 +1,148 @@
+// pool-monitor live page: polls /api/pools and /api/checkouts and renders two tables.
+// No framework, no CDN: it must work in an air-gapped cluster behind kubectl port-forward.
+// Every value is put in the DOM with textContent, never as HTML: code sites, thread
+// names and query text come from the application and must not become markup.
+(function () {
+  "use strict";
+  var refreshMs = parseInt(document.body.getAttribute("data-refresh-ms"), 10) || 2000;
+  // The sort lives in the URL (#sort=site, #sort=-age_s) so a link or a reload keeps it.
+  var sort = (function () {
+    var m = /sort=(-?)([a-z_]+)/.exec(location.hash);
+    return m ? { key: m[2], dir: m[1] ? -1 : 1 } : { key: "age_s", dir: -1 };
+  })();
+  var lastHolds = [];
+
+  function cell(row, text, cls) {
+    var td = document.createElement("td");
+    td.textContent = text === null || text === undefined ? "–" : String(text);
+    if (cls) td.className = cls;
+    row.appendChild(td);
+    return td;
+  }
+
+  function seconds(v) {
+    return typeof v === "number" ? v.toFixed(v < 10 ? 2 : 1) : null;
+  }
+
+  function blockedText(hold) {
+    return (hold.blocked_by || []).map(function (b) {
+      var who = b.holds && b.holds.length ? " " + b.holds[0].pool + " @ " + b.holds[0].site
+        : (b.application_name ? " " + b.application_name : "");
+      return "pid " + b.pid + who;
+    }).join("; ");
+  }
+
+  function sortValue(hold, key) {
+    if (key === "holder") return hold.task || hold.thread || "";
+    if (key === "blocked") return blockedText(hold);
+    var v = hold[key];
+    return v === null || v === undefined ? "" : v;
+  }
+
+  function renderPools(data) {
+    var body = document.querySelector("#pools tbody");
+    body.textContent = "";
+    data.pools.forEach(function (p) {
+      var tr = document.createElement("tr");
+      tr.setAttribute("data-pool", p.pool);
+      cell(tr, p.pool);
+      cell(tr, p.used, "num");
+      cell(tr, p.idle, "num");
+      cell(tr, p.max, "num");
+      cell(tr, p.pending, "num");
+      cell(tr, p.long_held, "num");
+      cell(tr, p.timeouts, "num");
+      cell(tr, p.processes, "num");
+      var td = cell(tr, "");
+      td.textContent = "";
+      var bar = document.createElement("div");
+      bar.className = "bar";
+      var fill = document.createElement("span");
+      var ratio = p.max ? Math.min(1, p.used / p.max) : 0;
+      fill.style.width = (ratio * 100).toFixed(0) + "%";
+      if (ratio >= 1 || p.pending > 0) fill.className = "full";
+      bar.appendChild(fill);
+      td.appendChild(bar);
+      body.appendChild(tr);
+    });
+  }
+
+  function renderHolds() {
+    var holds = lastHolds.slice().sort(function (a, b) {
+      var x = sortValue(a, sort.key), y = sortValue(b, sort.key);
+      if (typeof x === "number" && typeof y === "number") return (x - y) * sort.dir;
+      return String(x).localeCompare(String(y)) * sort.dir;
+    });
+    var body = document.querySelector("#holds tbody");
+    body.textContent = "";
+    holds.forEach(function (h) {
+      var tr = document.createElement("tr");
+      tr.className = "hold" + (h.long_held ? " long" : "") +
+        ((h.blocked_by || []).length ? " blocked" : "");
+      if (h.backend_pid !== null) tr.setAttribute("data-backend-pid", h.backend_pid);
+      cell(tr, h.pool);
+      cell(tr, seconds(h.age_s), "num");
+      cell(tr, h.site, "site");
+      cell(tr, h.task ? h.thread + " / " + h.task : h.thread);
+      cell(tr, h.backend_pid, "num");
+      cell(tr, h.server_state);
+      cell(tr, seconds(h.server_xact_age_s), "num");
+      cell(tr, h.wait_event_type ? h.wait_event_type + ":" + h.wait_event : null);
+      cell(tr, blockedText(h) || null);
+      body.appendChild(tr);
+    });
+    document.getElementById("hold-count").textContent = "(" + holds.length + ")";
+    document.querySelectorAll("#holds th").forEach(function (th) {
+      var key = th.getAttribute("data-key");
+      if (key === sort.key) th.setAttribute("aria-sort", sort.dir > 0 ? "ascending" : "descending");
+      else th.removeAttribute("aria-sort");
+    });
+  }
+
+  function renderStatus(data) {
+    var status = document.getElementById("status");
+    var live = data.processes.filter(function (p) { return p.state === "live"; }).length;
+    var pg = data.postgres;
+    var errors = 0;
+    Object.keys(data.snapshot_errors).forEach(function (k) { errors += data.snapshot_errors[k]; });
+    var parts = ["updated " + new Date().toLocaleTimeString(), live + " live processes"];
+    if (pg.configured) parts.push(pg.up ? "PostgreSQL up" : "PostgreSQL DOWN: " + pg.error);
+    if (errors) parts.push(errors + " bad snapshot files");
+    if (data.snapshot_dir_error) parts.push(data.snapshot_dir_error);
+    status.textContent = parts.join(" · ");
+    status.className = pg.configured && !pg.up ? "down" : "";
+  }
+
+  function getJSON(url) {
+    return fetch(url, { credentials: "same-origin", cache: "no-store" }).then(function (r) {
+      if (!r.ok) return r.json().then(function (e) { throw new Error(e.error || r.status); });
+      return r.json();
+    });
+  }
+
+  function refresh() {
+    Promise.all([getJSON("/api/pools"), getJSON("/api/checkouts")]).then(function (res) {
+      renderStatus(res[0]);
+      renderPools(res[0]);
+      lastHolds = res[1];
+      renderHolds();
+      document.body.setAttribute("data-state", "loaded");
+    }).catch(function (err) {
+      var status = document.getElementById("status");
+      status.textContent = "refresh failed: " + err.message;
+      status.className = "down";
+    }).then(function () {
+      setTimeout(refresh, refreshMs);
+    });
+  }
+
+  document.querySelectorAll("#holds th").forEach(function (th) {
+    th.addEventListener("click", function () {
+      var key = th.getAttribute("data-key");
+      sort = { key: key, dir: sort.key === key ? -sort.dir : (key === "age_s" ? -1 : 1) };
+      history.replaceState(null, "", "#sort=" + (sort.dir < 0 ? "-" : "") + key);
+      renderHolds();
+    });
+  });
+  refresh();
+})();

@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+from types import FrameType
 from typing import Any
 
 from monitor.hooks import swallow
@@ -81,14 +82,42 @@ def scan(pools: list[PoolMonitor]) -> int:
 
 def current_stack(pm: PoolMonitor, hold: Hold) -> list[str]:
     """The holder's stack right now, user frames only, innermost last."""
-    if hold.task is not None:
-        try:
-            frames = list(hold.task.get_stack())
-        except Exception:
-            frames = []
-    else:
+    task = hold.task
+    coro = task.get_coro() if task is not None else None
+    if task is not None and not getattr(coro, "cr_running", False):
+        frames = task_frames(task)
+    else:  # a thread, or a task running right now on its loop's thread
         frames = walk_frames(sys._current_frames().get(hold.thread))
     return format_stack(pm.sites.user_frames(frames))
+
+
+def task_frames(task: Any) -> list[FrameType]:
+    """A task's frames, outermost first, down the whole await chain.
+
+    `Task.get_stack()` returns only the outermost coroutine's frame while the task is
+    suspended (a suspended frame has no `f_back`), which under a web server is the
+    server's own code: the handler that holds the connection sits deeper, reachable only
+    through `cr_await`. While the task runs (its greenlet executing SQL), the frames of
+    the running coroutines are linked by `f_back` instead, and `get_stack()` has them.
+    """
+    frames: list[FrameType] = []
+    awaitable = task.get_coro()
+    for _ in range(256):  # an await chain is never this deep; a cycle must not hang us
+        if awaitable is None:
+            break
+        frame = (getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)
+                 or getattr(awaitable, "ag_frame", None))  # fmt: skip
+        if frame is not None:
+            frames.append(frame)
+        awaitable = (getattr(awaitable, "cr_await", None)
+                     or getattr(awaitable, "gi_yieldfrom", None)
+                     or getattr(awaitable, "ag_await", None))  # fmt: skip
+    if len(frames) <= 1:  # running, or a bare coroutine: the standard answer is complete
+        try:
+            frames = list(task.get_stack())
+        except Exception:
+            pass
+    return frames
 
 
 def alert(pm: PoolMonitor, hold: Hold, now: float) -> LongHeldEvent:

@@ -251,6 +251,33 @@ async def test_long_held_asyncio_task_shows_the_task_stack(
     del name
 
 
+async def test_long_held_task_under_a_server_shows_the_handler(
+    engines: Engines, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under uvicorn the task's outermost coroutine is the server's; the handler holding
+    the connection is found down the await chain."""
+    engine = engines.asyncio(pool_size=2)
+    monitor.instrument(engine, pool_name="served", long_held_threshold=0.3)
+
+    async def handler() -> None:
+        async with engine.connect() as conn:
+            await conn.execute(text("select 1"))
+            await asyncio.sleep(0.6)  # the handler awaits an external call
+
+    import sysconfig
+
+    server_file = f"{sysconfig.get_paths()['purelib']}/fake_server/protocol.py"
+    namespace: dict[str, object] = {}
+    exec(compile("async def run_asgi(app):\n    await app()\n", server_file, "exec"), namespace)
+    with caplog.at_level(logging.WARNING, logger="monitor.long_held"):
+        await asyncio.create_task(namespace["run_asgi"](handler), name="request")  # type: ignore[operator]
+    (warning,) = _long_held(caplog, logging.WARNING)
+    fn = test_long_held_task_under_a_server_shows_the_handler
+    sleep_line = f"{THIS_FILE}:{_line_of('await asyncio.sleep(0.6)', fn)}:handler"
+    assert warning.stack == [sleep_line]  # the server frame is trimmed, the handler kept
+    assert warning.task_name == "request"
+
+
 def test_long_held_gauges_while_the_connection_is_out(engines: Engines) -> None:
     engine = engines.sync(pool_size=2)
     pm = monitor.instrument(engine, pool_name="api", long_held_threshold=0.3)

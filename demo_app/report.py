@@ -1,0 +1,66 @@
+"""report.json and report.md of a demo run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from demo_app.checks import Check
+from demo_app.scenarios import SCENARIOS
+from demo_app.tables import markdown_table
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf become null (json.dumps would write invalid JSON otherwise)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(report: dict[str, Any], path: Path) -> Path:
+    path.write_text(json.dumps(_clean(report), indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def render_markdown(report: dict[str, Any], checks: list[Check]) -> str:
+    passed = sum(c.passed for c in checks)
+    lines = [
+        "# pool-monitor demo report",
+        "",
+        f"Plan `{report['plan']}`, {report['workers']} service workers, external latency "
+        f"{report['settings']['external_latency_s']} s, run took {report['duration_s']:.0f} s. "
+        f"Checks passed: **{passed}/{len(checks)}**.",
+        "",
+        "Pools (per worker): "
+        + ", ".join(
+            f"`{p['name']}` {p['size']}+{p['max_overflow']} (timeout {p['timeout_s']:g} s)"
+            for p in report["settings"]["pools"]
+        ),
+        "",
+        "## Checks",
+        "",
+    ]
+    lines += [
+        f"- {'✅' if c.passed else '❌'} **{c.scenario}**: {c.claim} — {c.detail}" for c in checks
+    ]
+    for name, figures in report["scenarios"].items():
+        info = SCENARIOS[name]
+        lines += ["", f"## {name} (seed {info.seed})", "", info.summary, ""]
+        if "error" in figures:
+            lines.append(f"**Failed to run:** `{figures['error']}`")
+            continue
+        lines.append(markdown_table(name, figures))
+    lines += ["", "## Charts", ""]
+    lines += [f"![{chart}]({chart})" for chart in report.get("charts", [])]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(report: dict[str, Any], checks: list[Check], path: Path) -> Path:
+    path.write_text(render_markdown(report, checks))
+    return path

@@ -1,0 +1,77 @@
+"""Per-process state of the demo service: engines, external clients, background jobs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from demo_app.clients import ImageProcessorClient, PaymentGatewayClient
+from demo_app.db import Database
+from demo_app.settings import DemoSettings
+
+log = logging.getLogger("demo_app.jobs")
+
+
+@dataclass
+class JobTracker:
+    """Counts background jobs per variant, so the runner knows when they have drained."""
+
+    in_flight: Counter[str] = field(default_factory=Counter)
+    ok: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+    failure_types: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def submitted(self, variant: str) -> None:
+        """Counted when the job is queued, so "in flight" covers the gap before it starts."""
+        with self._lock:
+            self.in_flight[variant] += 1
+
+    async def run(self, variant: str, job: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        try:
+            await job(*args)
+        except Exception as exc:  # a failed job is a figure of the demo, not a crash
+            with self._lock:
+                self.failed[variant] += 1
+                self.failure_types[type(exc).__name__] += 1
+            log.info("background job %s failed: %s", variant, type(exc).__name__)
+        else:
+            with self._lock:
+                self.ok[variant] += 1
+        finally:
+            with self._lock:
+                self.in_flight[variant] -= 1
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {
+                "in_flight": dict(self.in_flight),
+                "ok": dict(self.ok),
+                "failed": dict(self.failed),
+                "failure_types": dict(self.failure_types),
+            }
+
+
+class DemoState:
+    """What the routes need, created in the app's lifespan and closed at shutdown."""
+
+    def __init__(self, settings: DemoSettings) -> None:
+        self.settings = settings
+        self.db = Database(settings)
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.external_latency_s * 5 + 10.0, connect=5.0),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        )
+        self.processor = ImageProcessorClient(self.http, settings.external_url)
+        self.gateway = PaymentGatewayClient(self.http, settings.external_url)
+        self.jobs = JobTracker()
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        await self.db.dispose()

@@ -1,0 +1,114 @@
+"""End to end: `pool-monitor demo --quick --no-serve`, for short scenarios and in full.
+
+Real processes: the fake external API and the demo service (two uvicorn workers) on
+127.0.0.1, on the session's PostgreSQL (passed as DATABASE_URL).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from demo_app import runner
+from demo_app.scenarios import SCENARIOS
+from demo_app.stack import sidecar_available
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_run_writes_report_json_markdown_and_charts(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    argv = ["--quick", "--no-serve", "--report-dir", str(tmp_path), "--base-port", "0"]
+    argv += ["--scenario", "lost_update", "--scenario", "shared_session"]
+
+    status = runner.main(argv)
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert status == 0, [c for c in report["checks"] if not c["passed"]]
+    assert report["passed"] is True and report["workers"] == 2
+    assert list(report["scenarios"]) == ["lost_update", "shared_session"]
+
+    lost = report["scenarios"]["lost_update"]
+    assert list(lost) == ["naive", "pessimistic", "optimistic"]
+    for figures in lost.values():
+        assert {"expected", "actual", "retries", "lock_wait_max_s"} <= set(figures)
+        assert figures["expected"] == 50
+        assert figures["monitor"]["checkouts"] > 0  # the monitor saw the worker pool
+    assert lost["naive"]["actual"] < 50
+    assert lost["pessimistic"]["actual"] == lost["optimistic"]["actual"] == 50
+
+    sessions = report["scenarios"]["shared_session"]
+    assert {"cross_thread_uses", "errors"} <= set(sessions["shared"])
+    assert sessions["shared"]["cross_thread_uses"] > 0
+    assert sessions["factory"]["cross_thread_uses"] == sessions["factory"]["errors"] == 0
+
+    assert {c["scenario"] for c in report["checks"]} == {"lost_update", "shared_session"}
+    assert report["timeline"] and {"worker", "api"} <= set(report["timeline"][-1]["pools"])
+    assert [s["label"] for s in report["spans"]][:1] == ["lost_update/naive"]
+
+    assert report["charts"] == ["hold_times.png", "pool_usage.png"]
+    for chart in report["charts"]:
+        data = (tmp_path / chart).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    markdown = (tmp_path / "report.md").read_text()
+    assert markdown.startswith("# pool-monitor demo report")
+    assert "## lost_update (seed 003)" in markdown and "![hold_times.png]" in markdown
+    assert (tmp_path / "logs" / "service.log").exists()
+    if sidecar_available():  # issue 5's sidecar merges the two workers' snapshots
+        assert report["sidecar"]["url"], report["sidecar"]["note"]
+
+
+def test_pool_monitor_demo_quick_demonstrates_every_claim(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 4's "done when": `pool-monitor demo --quick --no-serve` holds every claim.
+
+    The slowest test of the suite (about 70 s: two 10 s load windows per load scenario).
+    """
+    from monitor.cli import main as pool_monitor
+
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    argv = ["demo", "--quick", "--no-serve", "--report-dir", str(tmp_path), "--base-port", "0"]
+
+    status = pool_monitor(argv)
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    failed = [c for c in report["checks"] if not c["passed"]]
+    assert status == 0 and not failed, failed
+    assert set(report["scenarios"]) == set(SCENARIOS)
+    assert {c["scenario"] for c in report["checks"]} == set(SCENARIOS)
+    shape = {
+        "external_call": {
+            "requests_ok", "requests_failed", "pool_timeouts", "use_time_mean_s",
+            "use_time_p99_s", "throughput_rps",
+        },
+        "pool_isolation": {
+            "api_requests_ok", "api_requests_failed", "api_latency_p99_s", "api_wait_time_p99_s",
+        },
+        "lost_update": {"expected", "actual", "retries", "lock_wait_max_s"},
+        "shared_session": {"cross_thread_uses", "errors"},
+        "duplicate_rows": {"requests", "errors"},
+        "session_store": {"writes", "lost_writes", "lock_wait_p99_s"},
+        "idempotent_payment": {"requests", "keys", "charges"},
+    }  # fmt: skip
+    for scenario, keys in shape.items():
+        variants = report["scenarios"][scenario]
+        assert tuple(variants) == SCENARIOS[scenario].variants
+        for figures in variants.values():
+            assert keys <= set(figures), (scenario, keys - set(figures))
+    assert report["charts"] == ["hold_times.png", "pool_wait.png", "pool_usage.png"]
+    assert all((tmp_path / chart).read_bytes().startswith(PNG_MAGIC) for chart in report["charts"])
+
+
+def test_cli_rejects_unknown_scenarios_and_bad_latency() -> None:
+    with pytest.raises(SystemExit):
+        runner.parse_args(["--scenario", "nope"])
+    with pytest.raises(SystemExit):
+        runner.parse_args(["--external-latency", "0"])
+    args = runner.parse_args(["--quick", "--scenario", "lost_update"])
+    assert args.quick and args.scenario == ["lost_update"] and not args.no_serve
+    assert args.report_dir == Path("demo-report")

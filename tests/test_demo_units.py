@@ -1,0 +1,226 @@
+"""Fast unit tests of the demo's plumbing: snapshot arithmetic, settings, load generator,
+claims, tables. No database, no network (httpx.MockTransport)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry, Histogram
+
+from demo_app import checks, loadgen, lock_metrics, snapshots, tables
+from demo_app.clients import ensure_loopback
+from demo_app.settings import DemoSettings
+
+BOUNDS = [0.001, 0.01, 0.1, 1.0]
+
+
+def _hist(counts: list[int], total: float) -> dict:
+    return {"bounds": list(BOUNDS), "counts": counts, "sum": total, "count": sum(counts)}
+
+
+def _snap(used: int, timeouts: int, counts: list[int], sites: dict[str, float]) -> dict:
+    return {
+        "pool": "api",
+        "gauges": {"db.client.connection.count": {"idle": 1, "used": used}},
+        "counters": {
+            snapshots.TIMEOUTS: timeouts,
+            snapshots.SITE_USE_TIME: sites,
+            snapshots.SITE_CHECKOUTS: {k: 1 for k in sites},
+        },
+        "histograms": {snapshots.USE_TIME: _hist(counts, 1.0)},
+        "holds": [{"age_s": 1.0}] * used,
+    }
+
+
+def test_quantile_interpolates_like_prometheus() -> None:
+    hist = _hist([0, 0, 100, 0, 0], 5.0)  # all in (0.01, 0.1]
+    assert snapshots.quantile(hist, 0.5) == pytest.approx(0.055)
+    assert snapshots.quantile(hist, 0.99) == pytest.approx(0.0991)
+    assert snapshots.quantile(_hist([0, 0, 0, 0, 3], 9.0), 0.5) == 1.0  # +Inf → top bound
+    assert snapshots.quantile(_hist([0] * 5, 0.0), 0.99) is None
+    assert snapshots.mean(hist) == pytest.approx(0.05)
+
+
+def test_merge_sums_workers_and_delta_subtracts_windows() -> None:
+    a = _snap(2, 3, [1, 2, 0, 0, 0], {"x.py:1:anti_f": 2.0})
+    b = _snap(1, 1, [0, 1, 1, 0, 0], {"x.py:1:anti_f": 1.0, "y.py:2:safe_g": 0.5})
+    merged = snapshots.merge([a, b])
+    assert merged is not None
+    assert snapshots.gauges(merged)["used"] == 3
+    assert snapshots.total(merged, snapshots.TIMEOUTS) == 4
+    assert merged["histograms"][snapshots.USE_TIME]["counts"] == [1, 3, 1, 0, 0]
+    assert len(merged["holds"]) == 3
+    window = snapshots.delta(merged, a)
+    assert snapshots.total(window, snapshots.TIMEOUTS) == 1
+    assert window["histograms"][snapshots.USE_TIME]["counts"] == [0, 1, 1, 0, 0]
+    assert snapshots.sites(window, "anti_") == {
+        "x.py:1:anti_f": {
+            "checkouts": 1,
+            "use_time_s": 1.0,
+            "idle_in_use_time_s": 0.0,
+            "mean_hold_s": 1.0,
+        }
+    }
+    assert a == _snap(2, 3, [1, 2, 0, 0, 0], {"x.py:1:anti_f": 2.0})  # inputs untouched
+
+
+def test_lock_histogram_reads_the_prometheus_registry() -> None:
+    registry = CollectorRegistry()
+    waits = Histogram(
+        "app_lock_wait_time_seconds", "w", ["lock_name"], buckets=BOUNDS, registry=registry
+    )
+    for value in (0.0005, 0.05, 0.05, 5.0):
+        waits.labels("session-store").observe(value)
+    waits.labels("other").observe(0.5)
+    hist = lock_metrics.lock_histogram("session-store", registry=registry)
+    assert hist == {"bounds": BOUNDS, "counts": [1, 0, 2, 0, 1], "sum": 5.1005, "count": 4}
+    assert lock_metrics.lock_histogram("missing", registry=registry) is None
+
+
+def test_settings_travel_through_the_environment() -> None:
+    settings = DemoSettings.scaled("postgresql+psycopg://u@h/db", "http://127.0.0.1:1", 0.4)
+    assert settings.api_pool.timeout_s == pytest.approx(0.2)
+    assert settings.background_pool.timeout_s == pytest.approx(2.0)
+    assert settings.shared_pool.max_connections == settings.api_pool.max_connections
+    assert DemoSettings.from_env(settings.to_env()) == settings
+    plain = DemoSettings.from_env({"DATABASE_URL": "postgresql://u@h/db"})
+    assert plain.database_url == "postgresql+psycopg://u@h/db"
+    with pytest.raises(RuntimeError):
+        DemoSettings.from_env({})
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8700", "http://localhost/", "http://[::1]:1"])
+def test_loopback_urls_are_accepted(url: str) -> None:
+    assert ensure_loopback(url) == url
+
+
+@pytest.mark.parametrize("url", ["http://example.com", "http://10.0.0.1:80", "http://0.0.0.0"])
+def test_other_urls_are_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        ensure_loopback(url)
+
+
+def _mock_client(handler: httpx.MockTransport) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=handler, base_url="http://127.0.0.1")
+
+
+async def test_closed_loop_stops_at_max_requests_and_counts_failures() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503 if request.url.path.endswith("3") else 200)
+
+    async with _mock_client(httpx.MockTransport(handler)) as http:
+        result = await loadgen.closed_loop(
+            http, lambda h, i: h.get(f"/{i}"), concurrency=4, duration_s=30, max_requests=10
+        )
+    assert (result.requests, result.ok, result.failed) == (10, 9, 1)
+    assert result.statuses == {"200": 9, "503": 1}
+    assert result.throughput_rps > 0
+
+
+async def test_closed_loop_stops_at_its_duration() -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.01)
+        return httpx.Response(200)
+
+    async with _mock_client(httpx.MockTransport(handler)) as http:
+        result = await loadgen.closed_loop(
+            http, lambda h, i: h.get("/"), concurrency=2, duration_s=0.2, max_requests=10**6
+        )
+    assert 0 < result.requests < 200
+    assert result.duration_s < 2
+
+
+async def test_closed_loop_counts_transport_errors() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    async with _mock_client(httpx.MockTransport(handler)) as http:
+        result = await loadgen.closed_loop(
+            http, lambda h, i: h.get("/"), concurrency=1, duration_s=5, max_requests=3
+        )
+    assert result.failed == 3 and result.statuses == {"ConnectError": 3}
+
+
+FIGURES = {
+    "external_call": {
+        "anti": {
+            "requests_ok": 60, "requests_failed": 400, "pool_timeouts": 400,
+            "use_time_mean_s": 2.0, "use_time_p99_s": 2.5, "throughput_rps": 3.0,
+        },
+        "three_stage": {
+            "requests_ok": 600, "requests_failed": 0, "pool_timeouts": 0,
+            "use_time_mean_s": 0.01, "use_time_p99_s": 0.05, "throughput_rps": 50.0,
+        },
+    },
+    "pool_isolation": {
+        "shared": {"api_requests_ok": 300, "api_requests_failed": 90,
+                   "api_latency_p99_s": 1.0, "api_wait_time_p99_s": 1.0},
+        "split": {"api_requests_ok": 2000, "api_requests_failed": 0,
+                  "api_latency_p99_s": 0.05, "api_wait_time_p99_s": 0.01},
+    },
+    "lost_update": {
+        v: {"expected": 50, "actual": a, "retries": r, "lock_wait_max_s": 0.01}
+        for v, a, r in (("naive", 27, 0), ("pessimistic", 50, 0), ("optimistic", 50, 30))
+    },
+    "shared_session": {
+        "shared": {"cross_thread_uses": 5, "errors": 7},
+        "factory": {"cross_thread_uses": 0, "errors": 0},
+    },
+    "duplicate_rows": {
+        "unsafe": {"requests": 200, "errors": 50, "lookups_of_duplicated_tasks": 50},
+        "safe": {"requests": 200, "errors": 0, "lookups_of_duplicated_tasks": 50},
+    },
+    "session_store": {
+        "unlocked": {"writes": 400, "lost_writes": 200, "lock_wait_p99_s": None},
+        "locked": {"writes": 400, "lost_writes": 0, "lock_wait_p99_s": 0.004},
+    },
+    "idempotent_payment": {
+        "naive": {"requests": 60, "keys": 20, "charges": 60, "max_charges_per_key": 3},
+        "idempotent": {"requests": 300, "keys": 20, "charges": 20, "max_charges_per_key": 1},
+    },
+}  # fmt: skip
+
+
+def test_every_claim_holds_on_figures_shaped_like_the_issue() -> None:
+    results = checks.evaluate(FIGURES)
+    assert {c.scenario for c in results} == set(FIGURES)
+    assert [c for c in results if not c.passed] == []
+
+
+@pytest.mark.parametrize(
+    ("scenario", "variant", "key", "value"),
+    [
+        ("external_call", "three_stage", "throughput_rps", 20.0),  # only 6.7×
+        ("external_call", "three_stage", "use_time_mean_s", 0.05),  # only 97.5% less
+        ("lost_update", "optimistic", "actual", 49),
+        ("shared_session", "factory", "cross_thread_uses", 1),
+        ("duplicate_rows", "unsafe", "errors", 49),
+        ("session_store", "locked", "lost_writes", 1),
+        ("idempotent_payment", "idempotent", "charges", 21),
+        ("pool_isolation", "split", "api_requests_failed", 1),
+    ],
+)
+def test_a_broken_fix_fails_its_claim(scenario: str, variant: str, key: str, value: float) -> None:
+    figures = copy.deepcopy(FIGURES)
+    figures[scenario][variant][key] = value
+    failed = [c for c in checks.evaluate(figures) if not c.passed]
+    assert failed and {c.scenario for c in failed} == {scenario}
+
+
+def test_a_crashed_scenario_fails_and_missing_figures_are_reported() -> None:
+    results = checks.evaluate({"lost_update": {"error": "boom"}, "session_store": {}})
+    assert [(c.scenario, c.passed) for c in results] == [
+        ("lost_update", False),
+        ("session_store", False),
+    ]
+
+
+def test_side_by_side_table_puts_variants_in_columns() -> None:
+    headers, rows = tables.side_by_side("lost_update", FIGURES["lost_update"])
+    assert headers == ["", "naive", "pessimistic", "optimistic"]
+    assert rows[1] == ["actual", "27", "50", "50"]
+    markdown = tables.markdown_table("external_call", FIGURES["external_call"])
+    assert "| hold time mean | 2.00 s | 10.0 ms |" in markdown

@@ -8,6 +8,7 @@ smallest threshold, so an alert comes within 10% of it; the hot path never waits
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -112,11 +113,9 @@ def task_frames(task: Any) -> list[FrameType]:
         awaitable = (getattr(awaitable, "cr_await", None)
                      or getattr(awaitable, "gi_yieldfrom", None)
                      or getattr(awaitable, "ag_await", None))  # fmt: skip
-    if len(frames) <= 1:  # running, or a bare coroutine: the standard answer is complete
-        try:
+    if len(frames) <= 1:  # a bare coroutine: the standard answer is complete
+        with contextlib.suppress(Exception):
             frames = list(task.get_stack())
-        except Exception:
-            pass
     return frames
 
 

@@ -122,7 +122,8 @@ def test_writes_are_atomic_for_a_concurrent_reader(tmp_path: Path, engine: sa.En
     monitor.instrument(
         engine, pool_name="snap-atomic", snapshot_dir=str(tmp_path), snapshot_interval=0.05
     )
-    writer = snapshot.writers()[0]
+    (writer,) = [w for w in snapshot.writers()
+                 if os.path.samefile(w.directory, tmp_path)]  # fmt: skip
     stop = threading.Event()
 
     def hammer() -> None:  # many more writes than the interval alone would make
@@ -133,7 +134,7 @@ def test_writes_are_atomic_for_a_concurrent_reader(tmp_path: Path, engine: sa.En
     thread.start()
     reads = 0
     try:
-        deadline = time.monotonic() + 0.7
+        deadline = time.monotonic() + 1.0
         path = writer.path
         while time.monotonic() < deadline:
             with contextlib.suppress(FileNotFoundError):
@@ -143,7 +144,9 @@ def test_writes_are_atomic_for_a_concurrent_reader(tmp_path: Path, engine: sa.En
         stop.set()
         thread.join()
         writer.stop(timeout=5)
-    assert reads > 50 and writer.writes > 10, (reads, writer.writes)
+    # Counts only prove both sides ran (a loaded machine runs them slower); atomicity is
+    # json.loads never raising above.
+    assert reads > 10 and writer.writes > 5, (reads, writer.writes)
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(writer.path)]  # no temp left
 
 

@@ -1,10 +1,12 @@
 """`pool-monitor bench`: what instrumentation costs per checkout/checkin cycle.
 
-Each mode runs in its own process (OpenTelemetry's instrumentation patches globally), the
-modes alternate round by round so drift in machine load hits them alike, and the result is
-the median per-cycle time per mode plus the difference and ratio against the bare engine.
-Cycles run 25 frames deep, as in a real request handler, so the code-site walk pays for a
-realistic stack.
+Bare and instrumented batches alternate *within one process* on one warm engine
+(`uninstrument()` restores it exactly), so process-to-process differences in memory layout
+and CPU state, which are larger than the effect measured, cancel out; several such
+processes run, and the result is the median per-cycle time per mode plus the difference
+and ratio. OpenTelemetry's instrumentation patches globally and cannot be removed, so its
+process times bare batches first, then OpenTelemetry's. Cycles run 25 frames deep, as in a
+real request handler, so the code-site walk pays for a realistic stack.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
-MODES = ("bare", "instrumented", "otel")
+MODES = ("paired", "otel")
 CASES = ("empty", "select1")
 
 
@@ -53,46 +55,62 @@ def _deep(depth: int, fn: Callable[[], None]) -> None:
     _app_functions()["deep"](depth, fn)
 
 
-def _measure(engine: Any, case: str, cycles: int, batches: int, depth: int) -> list[float]:
-    """Per-cycle microseconds for each batch."""
+def _timer(engine: Any, case: str, cycles: int, depth: int) -> Callable[[], float]:
+    """A function timing one batch of `cycles` cycles; returns µs per cycle."""
     app = _app_functions()
     cycle = app["empty_cycle"] if case == "empty" else app["select1_cycle"]
 
-    def one() -> None:
-        cycle(engine)
-
     def batch() -> None:
         for _ in range(cycles):
-            one()
+            cycle(engine)
 
-    for _ in range(max(1, cycles // 10)):  # warm up: connections open, caches filled
-        one()
-    results = []
-    for _ in range(batches):
+    def timed() -> float:
         started = time.perf_counter_ns()
         app["deep"](depth, batch)
-        results.append((time.perf_counter_ns() - started) / cycles / 1000.0)
-    return results
+        return (time.perf_counter_ns() - started) / cycles / 1000.0
+
+    return timed
 
 
 def worker(mode: str, url: str, cycles: int, batches: int, depth: int) -> dict[str, Any]:
-    """Run in a fresh process: build one engine in `mode` and time both cases."""
+    """Run in a fresh process. `paired`: bare and instrumented batches alternate on one
+    engine. `otel`: bare batches, then OpenTelemetry's instrumentation."""
     import sqlalchemy as sa
 
-    engine = sa.create_engine(url, pool_size=5, max_overflow=0)
-    if mode == "instrumented":
-        import monitor
+    import monitor
 
-        monitor.instrument(engine, pool_name="bench")
-    elif mode == "otel":
+    engine = sa.create_engine(url, pool_size=5, max_overflow=0)
+    counts = {"empty": cycles, "select1": max(1, cycles // 5)}
+    timers = {case: _timer(engine, case, counts[case], depth) for case in CASES}
+    modes = ("instrumented", "no_code_sites") if mode == "paired" else ("otel",)
+    out: dict[str, dict[str, list[float]]] = {m: {c: [] for c in CASES}
+                                              for m in ("bare", *modes)}  # fmt: skip
+    for case in CASES:  # warm up: connections open, caches and specializations filled
+        timers[case]()
+    if mode == "paired":
+        settings = {"instrumented": {}, "no_code_sites": {"code_sites": False}}
+        for _ in range(batches):
+            for case in CASES:
+                out["bare"][case].append(timers[case]())
+                for name, options in settings.items():
+                    monitor.instrument(engine, pool_name="bench", **options)
+                    out[name][case].append(timers[case]())
+                    monitor.uninstrument(engine)
+    else:
+        for _ in range(batches):
+            for case in CASES:
+                out["bare"][case].append(timers[case]())
         from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.trace import TracerProvider
 
         SQLAlchemyInstrumentor().instrument(engine=engine, meter_provider=MeterProvider(),
                                             tracer_provider=TracerProvider())  # fmt: skip
-    out = {case: _measure(engine, case, cycles if case == "empty" else max(1, cycles // 5),
-                          batches, depth) for case in CASES}  # fmt: skip
+        for case in CASES:
+            timers[case]()
+        for _ in range(batches):
+            for case in CASES:
+                out["otel"][case].append(timers[case]())
     engine.dispose()
     return out
 
@@ -130,25 +148,43 @@ def _run_worker(mode: str, url: str, args: argparse.Namespace) -> dict[str, list
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from demo_app.embedded_pg import postgres_url
 
-    modes = ["bare", "instrumented"]
+    processes = ["paired"]
     otel_note = None
     if args.otel:
         otel_note = _otel_unavailable()
         if otel_note is None:
-            modes.append("otel")
-    samples: dict[str, dict[str, list[float]]] = {m: {c: [] for c in CASES} for m in modes}
+            processes.append("otel")
+    samples: dict[str, dict[str, list[float]]] = {}
+    otel_bare: dict[str, list[float]] = {c: [] for c in CASES}
     with ExitStack() as stack:
         url = args.url or stack.enter_context(postgres_url())
-        for round_index in range(args.rounds):
-            order = modes if round_index % 2 == 0 else list(reversed(modes))
-            for mode in order:
-                for case, values in _run_worker(mode, url, args).items():
-                    samples[mode][case].extend(values)
+        for _ in range(args.rounds):
+            for process in processes:
+                for mode, cases in _run_worker(process, url, args).items():
+                    if process == "otel" and mode == "bare":
+                        for case, values in cases.items():
+                            otel_bare[case].extend(values)
+                        continue
+                    for case, values in cases.items():
+                        samples.setdefault(mode, {c: [] for c in CASES})[case].extend(values)
     medians = {m: {c: statistics.median(v) for c, v in cases.items()}
                for m, cases in samples.items()}  # fmt: skip
-    return {"medians_us": medians, "otel_note": otel_note, "cycles": args.cycles,
-            "batches": args.batches, "rounds": args.rounds, "depth": args.depth,
-            "python": sys.version.split()[0], "sqlalchemy": _sa_version()}  # fmt: skip
+    spreads = {m: {c: _iqr(v) for c, v in cases.items()} for m, cases in samples.items()}
+    result: dict[str, Any] = {
+        "medians_us": medians, "iqr_us": spreads, "otel_note": otel_note, "cycles": args.cycles,
+        "batches": args.batches, "rounds": args.rounds, "depth": args.depth,
+        "python": sys.version.split()[0], "sqlalchemy": _sa_version()}  # fmt: skip
+    if "otel" in medians:  # OTel against the bare batches of its own processes
+        result["otel_bare_us"] = {c: statistics.median(v) for c, v in otel_bare.items()}
+    return result
+
+
+def _iqr(values: list[float]) -> float:
+    """Interquartile range: how much batches disagree (network round trips vary a lot)."""
+    if len(values) < 4:
+        return 0.0
+    quartiles = statistics.quantiles(values, n=4)
+    return quartiles[2] - quartiles[0]
 
 
 def _sa_version() -> str:
@@ -159,15 +195,21 @@ def _sa_version() -> str:
 
 def report(result: dict[str, Any]) -> str:
     medians = result["medians_us"]
-    bare = medians["bare"]
     lines = [f"pool-monitor bench: Python {result['python']}, SQLAlchemy {result['sqlalchemy']}, "
-             f"{result['depth']} frames deep, {result['rounds']} alternating rounds x "
-             f"{result['batches']} batches (empty: {result['cycles']} cycles/batch)",
-             f"{'mode':<14}{'case':<10}{'median µs/cycle':>17}{'+µs vs bare':>13}{'ratio':>8}"]
+             f"{result['depth']} frames deep, {result['rounds']} processes x "
+             f"{result['batches']} alternating batches (empty: {result['cycles']} cycles/batch)",
+             f"{'mode':<14}{'case':<10}{'median µs/cycle':>17}{'+µs vs bare':>13}{'ratio':>8}"
+             f"{'IQR µs':>9}"]
     for mode, cases in medians.items():
+        bare = result.get("otel_bare_us", medians["bare"]) if mode == "otel" else medians["bare"]
         for case, value in cases.items():
+            spread = result.get("iqr_us", {}).get(mode, {}).get(case, 0.0)
             lines.append(f"{mode:<14}{case:<10}{value:>17.2f}{value - bare[case]:>+13.2f}"
-                         f"{value / bare[case]:>8.2f}")  # fmt: skip
+                         f"{value / bare[case]:>8.2f}{spread:>9.2f}")  # fmt: skip
+    lines.append("instrumented = default settings; no_code_sites = code_sites=False. "
+                 "select1 includes PostgreSQL round trips: read its IQR before its delta.")
+    if "otel_bare_us" in result:
+        lines.append("(otel is compared with the bare batches of its own processes)")
     if result.get("otel_note"):
         lines.append(f"otel: {result['otel_note']}")
     return "\n".join(lines)
@@ -175,8 +217,9 @@ def report(result: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cycles", type=int, default=5000, help="cycles per batch (empty case)")
-    parser.add_argument("--batches", type=int, default=7, help="batches per worker process")
-    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds of processes")
+    parser.add_argument("--batches", type=int, default=9,
+                        help="alternating batches per process and mode")
+    parser.add_argument("--rounds", type=int, default=3, help="worker processes per mode")
     parser.add_argument("--depth", type=int, default=25, help="stack depth of the caller")
     parser.add_argument("--otel", action="store_true",
                         help="also OpenTelemetry's SQLAlchemy instrumentation, if importable")

@@ -73,6 +73,7 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
     by the pool subclass) and the statement timing pair (called by `timed_execute`)."""
     ledger = monitor.ledger
     find_site = monitor.sites.find
+    code_sites = monitor.settings.code_sites
     # Bound once for the return path (a fork resets the ledger in place, keeping them).
     lock = ledger.lock
     holds = ledger.holds
@@ -107,7 +108,7 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
             rec = fairy._connection_record
             loop = _get_running_loop()
             hold = Hold(_perf(), waited, _get_ident(), current_task(loop) if loop else None,
-                        find_site(caller), rec, pool)  # fmt: skip
+                        find_site(caller) if code_sites else None, rec, pool)  # fmt: skip
             previous = holds_get(rec)
             holds[rec] = hold
             opened_append(hold)

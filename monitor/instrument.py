@@ -108,7 +108,7 @@ class PoolMonitor:
         self.name = name
         self.settings = settings
         self.sites = SiteFinder(settings.site_exclude, settings.site_include)
-        self.ledger = Ledger(settings.max_sites, self.sites.pin)
+        self.ledger = Ledger(settings.max_sites, self.sites.name)
         self.active = False
         self._engine_ref = weakref.ref(engine)
         self._hooks = build_hooks(self)

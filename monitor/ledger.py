@@ -92,14 +92,13 @@ class SiteTable:
     """Totals per code site, at most `limit` named sites; later ones share `other`.
 
     A site keeps its own series once it has one, so every exported counter only grows.
-    Its name is fixed when it gets one (`pin`), however many code objects come later.
     """
 
-    __slots__ = ("by_site", "limit", "names", "other", "pin")
+    __slots__ = ("by_site", "limit", "name_of", "names", "other")
 
-    def __init__(self, limit: int, pin: Callable[[SiteKey | None], str]) -> None:
+    def __init__(self, limit: int, name_of: Callable[[SiteKey | None], str]) -> None:
         self.limit = limit
-        self.pin = pin
+        self.name_of = name_of
         self.by_site: dict[SiteKey | None, list[float]] = {}
         self.names: dict[SiteKey | None, str] = {}
         self.other = [0.0] * len(SITE_FIELDS)
@@ -110,7 +109,7 @@ class SiteTable:
         if totals is None:
             if len(self.by_site) >= self.limit:
                 return self.other
-            self.names[site] = self.pin(site)
+            self.names[site] = self.name_of(site)
             totals = self.by_site[site] = [0.0] * len(SITE_FIELDS)
         return totals
 
@@ -122,7 +121,7 @@ class Ledger:
                  "opened", "otel_queues", "seq", "sites", "use_time", "wait_time",
                  "waiting")  # fmt: skip
 
-    def __init__(self, max_sites: int, pin: Callable[[SiteKey | None], str]) -> None:
+    def __init__(self, max_sites: int, name_of: Callable[[SiteKey | None], str]) -> None:
         self.lock = threading.Lock()
         self.holds: dict[Any, Hold] = {}  # live holds by connection record
         self.opened: deque[Hold] = deque()  # checkouts not yet folded
@@ -130,7 +129,7 @@ class Ledger:
         self.waiting: dict[int, None] = {}
         self.otel_queues: list[deque[tuple[str, float]]] = []  # one per OTel bridge
         self.seq = itertools.count()  # tokens for `waiting`; only uniqueness matters
-        self.sites = SiteTable(max_sites, pin)
+        self.sites = SiteTable(max_sites, name_of)
         self._zero()
 
     def _zero(self) -> None:
@@ -138,7 +137,7 @@ class Ledger:
         self.wait_time = Histogram()
         self.use_time = Histogram()
         self.create_time = Histogram()
-        self.sites = SiteTable(self.sites.limit, self.sites.pin)
+        self.sites = SiteTable(self.sites.limit, self.sites.name_of)
         self.logged_once: set[tuple[str, SiteKey | None]] = set()
 
     def reset_after_fork(self) -> None:

@@ -3,11 +3,14 @@
 The site is the first frame, walking outwards, that is not SQLAlchemy, pool-monitor, the
 standard library or an installed package. This runs on every checkout, so the walk reads
 only `f_code`, `f_back` and (once found) `f_lineno`, and the library/user verdict is cached
-per code object; the site is kept as `(id(code), line)` and formatted only when exported.
+per file; the site is kept as `(filename, line, function)` and formatted only when
+exported.
 
-Everything is keyed by `id(code)`, never by the code object: a code object hashes its
-name, constants and names afresh on every call (microseconds for a large function such as
-`Connection.__init__`). The cache keeps each code object alive, so its id stays unique.
+Nothing is keyed by a code object: a code object hashes its name, constants and names
+afresh on every call (microseconds for a large function such as `Connection.__init__`),
+whereas a file name is a string, whose hash is computed once and cached. The verdict only
+ever depended on the file name, and a site key made of strings names itself, so nothing
+has to keep code objects alive.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ try:  # greenlet is how SQLAlchemy's asyncio layer runs sync code; optional for 
 except ImportError:  # pragma: no cover
     _current_greenlet = None
 
-SiteKey = tuple[int, int]  # (id(code), line)
+SiteKey = tuple[str, int, str]  # (co_filename, line, co_name)
 
 _MONITOR_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _SQLALCHEMY_DIR = os.path.dirname(os.path.abspath(sqlalchemy.__file__)) + os.sep
@@ -52,10 +55,8 @@ class SiteFinder:
         self._library = (_MONITOR_DIR, _SQLALCHEMY_DIR, *_library_dirs(),
                          *(_absolute(p) for p in exclude))  # fmt: skip
         self._include = tuple(_absolute(p) for p in include)
-        self._verdicts: dict[int, bool] = {}
-        self._codes: dict[int, CodeType] = {}  # keeps ids unique; resolves sites to names
+        self._verdicts: dict[str, bool] = {}  # by file name: True = library
         self._names: dict[SiteKey, str] = {}
-        self._pinned: dict[int, CodeType] = {}  # code of named sites: never evicted
 
     # -- hot path ---------------------------------------------------------------------
     def find(self, frame: FrameType | None) -> SiteKey | None:
@@ -66,11 +67,12 @@ class SiteFinder:
         while True:
             while frame is not None:
                 code = frame.f_code
-                library = verdict(id(code))
+                filename = code.co_filename
+                library = verdict(filename)
                 if library is None:
-                    library = self._classify(code)
+                    library = self._classify(filename)
                 if not library:
-                    return (id(code), frame.f_lineno)
+                    return (filename, frame.f_lineno, code.co_name)
                 frame = frame.f_back
             # Top of this greenlet's stack: under asyncio the caller's coroutine is
             # suspended in the parent greenlet, inside SQLAlchemy's greenlet_spawn.
@@ -83,11 +85,10 @@ class SiteFinder:
 
     # -- verdicts ---------------------------------------------------------------------
     def is_library(self, code: CodeType) -> bool:
-        library = self._verdicts.get(id(code))
-        return self._classify(code) if library is None else library
+        library = self._verdicts.get(code.co_filename)
+        return self._classify(code.co_filename) if library is None else library
 
-    def _classify(self, code: CodeType) -> bool:
-        filename = code.co_filename
+    def _classify(self, filename: str) -> bool:
         if filename.startswith("<"):
             library = True  # frozen modules, exec'd and generated code
         else:
@@ -96,11 +97,9 @@ class SiteFinder:
                 library = False
             else:
                 library = path.startswith(self._library)
-        if len(self._verdicts) >= _CACHE_LIMIT:  # generated code: stay bounded
+        if len(self._verdicts) >= _CACHE_LIMIT:  # generated files: stay bounded
             self._verdicts.clear()
-            self._codes.clear()
-        self._verdicts[id(code)] = library
-        self._codes[id(code)] = code
+        self._verdicts[filename] = library
         return library
 
     # -- formatting (export time) ---------------------------------------------------
@@ -110,23 +109,12 @@ class SiteFinder:
             return "unknown"
         text = self._names.get(site)
         if text is None:
-            code_id, line = site
-            code = self._codes.get(code_id) or self._pinned.get(code_id)
-            if code is None:
-                return "unknown"
-            text = f"{relative_path(code.co_filename)}:{line}:{code.co_name}"
+            filename, line, function = site
+            text = f"{relative_path(filename)}:{line}:{function}"
             if len(self._names) >= _CACHE_LIMIT:
                 self._names.clear()
             self._names[site] = text
         return text
-
-    def pin(self, site: SiteKey | None) -> str:
-        """Name a site that gets its own series, and keep its code object (so its id, and
-        name, stay its own however many other code objects come and go)."""
-        name = self.name(site)
-        if site is not None and site[0] in self._codes:
-            self._pinned[site[0]] = self._codes[site[0]]
-        return name
 
     def user_frames(self, frames: Iterable[FrameType]) -> list[FrameType]:
         """Keep only the frames of user code (for the holder's current stack)."""

@@ -95,6 +95,20 @@ def test_site_prefixes_are_configurable(engines: Engines) -> None:
     assert site.startswith("_pytest/python.py:") and site.endswith(":pytest_pyfunc_call")
 
 
+def test_code_sites_can_be_turned_off(engines: Engines, monkeypatch: pytest.MonkeyPatch
+                                      ) -> None:  # fmt: skip
+    pm = monitor.instrument(engines.sync(pool_size=2), pool_name="no-sites", code_sites=False)
+    with pm.engine.connect():  # type: ignore[union-attr]
+        pass
+    assert counter(pm, "sqlalchemy.pool.site_checkouts") == {"unknown": 1}
+    monkeypatch.setenv("POOL_MONITOR_CODE_SITES", "off")
+    assert monitor.instrument(engines.sync()).settings.code_sites is False
+    monkeypatch.setenv("POOL_MONITOR_CODE_SITES", "maybe")
+    with pytest.raises(monitor.ConfigError, match="POOL_MONITOR_CODE_SITES: code_sites must "
+                                                  "be true or false"):  # fmt: skip
+        monitor.instrument(engines.sync())
+
+
 def test_top_k_sites_and_other_keep_memory_and_exposition_bounded(engines: Engines) -> None:
     """100 000 distinct call sites: 50 keep their own series, the rest share `other`;
     memory and the exposition stay bounded."""

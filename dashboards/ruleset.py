@@ -211,13 +211,18 @@ def alert_rules(cfg: Settings) -> list[Alert]:
         ),
         Alert(
             "PoolLongHeldConnections", pool_group,
-            f'{s.m("sqlalchemy.pool.long_held")} > {n("long_held_connections")}',
-            f"{{{{ $value }}}} connections of pool {POOL_L} on {INSTANCE_L} held past the "
-            "long-held threshold",
+            # The gauge alone aliases: holds just past the threshold, sampled once per
+            # scrape, can read 0 at every scrape. The events counter cannot miss one (the
+            # watchdog counts each hold once as it crosses the threshold).
+            f'{s.m("sqlalchemy.pool.long_held")} > {n("long_held_connections")} or '
+            f'sum without (code_site) '
+            f'(increase({s.m("sqlalchemy.pool.long_held_events")}[5m])) '
+            f'> {n("long_held_connections")}',
+            f"Pool {POOL_L} on {INSTANCE_L}: connections held past the long-held threshold",
             f"Connections have been checked out longer than the application's long-held "
-            f"threshold for {f['PoolLongHeldConnections']}. The application log has a WARNING "
-            "per connection with the code site that borrowed it and the holder's current "
-            "stack: that shows what it is doing while holding the connection.",
+            f"threshold, for {f['PoolLongHeldConnections']} now. The application log has a "
+            "WARNING per connection with the code site that borrowed it and the holder's "
+            "current stack: that shows what it is doing while holding the connection.",
         ),
         Alert(
             "PoolHoldTimeMostlyIdle", pool_group,

@@ -27,6 +27,7 @@ from starlette.routing import Mount
 
 import monitor
 from demo_app.routes import routes
+from demo_app.scenarios import session_store
 from demo_app.scenarios.idempotent_payment import PaymentRejected
 from demo_app.settings import DemoSettings
 from demo_app.state import DemoState
@@ -62,6 +63,9 @@ def create_app(settings: DemoSettings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Create the session-store lock now, so its series are exported (at zero) from the
+        # start: a burst that creates them already at their final values shows no rate.
+        monitor.lock(session_store.LOCK_NAME)
         app.state.demo = DemoState(resolved)
         try:
             yield

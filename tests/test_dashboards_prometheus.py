@@ -142,7 +142,8 @@ class FakeExporter:
                 m["sqlalchemy_pool_site_idle_in_use_time_seconds_total"].labels(
                     pool, site).inc(0.005)
                 m["sqlalchemy_pool_site_checkouts_total"].labels(pool, site).inc()
-                m["sqlalchemy_pool_long_held_events_total"].labels(pool, site).inc(1 if pool == "api" else 0)
+                long_held = 1 if pool == "api" else 0  # as the long_held gauge above
+                m["sqlalchemy_pool_long_held_events_total"].labels(pool, site).inc(long_held)
                 m["sqlalchemy_pool_concurrent_uses_total"].labels(pool, site).inc(0)
         m["db_client_connection_timeouts_total"].labels("api").inc()
         m["pool_monitor_errors_total"].labels("api").inc()

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from sqlalchemy.engine import make_url
 
 
-def _as_psycopg(url: str) -> str:
+def as_psycopg_url(url: str) -> str:
     """SQLAlchemy URL for psycopg 3 (`postgresql+psycopg://`), whatever scheme was given."""
     parsed = make_url(url)
     if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
@@ -31,13 +31,13 @@ def postgres_url(data_dir: str | None = None) -> Iterator[str]:
     """
     env = os.environ.get("DATABASE_URL")
     if env:
-        yield _as_psycopg(env)
+        yield as_psycopg_url(env)
         return
     import pgserver  # imported late: only needed without DATABASE_URL
 
     with tempfile.TemporaryDirectory(prefix="pool-monitor-pg-") as tmp:
         server = pgserver.get_server(data_dir or tmp, cleanup_mode="stop")
         try:
-            yield _as_psycopg(server.get_uri())
+            yield as_psycopg_url(server.get_uri())
         finally:
             server.cleanup()

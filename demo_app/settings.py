@@ -83,10 +83,10 @@ class DemoSettings:
         database_url = env.get("DATABASE_URL")
         if not database_url:
             raise RuntimeError(f"set {ENV_VAR} (the runner does) or DATABASE_URL")
-        from demo_app.embedded_pg import _as_psycopg
+        from demo_app.embedded_pg import as_psycopg_url
 
         return cls.scaled(
-            _as_psycopg(database_url),
+            as_psycopg_url(database_url),
             env.get("DEMO_EXTERNAL_URL", "http://127.0.0.1:8701"),
             float(env.get("DEMO_EXTERNAL_LATENCY_S", DEFAULT_LATENCY_S)),
         )

@@ -239,9 +239,9 @@ def test_schema_init_container_creates_the_demo_tables(database_url: str) -> Non
 
     demo = one(render(), "Deployment", "demo")
     init = container(demo, "schema")
-    assert init["command"][:2] == ["python", "-c"]
+    assert init["command"][:3] == ["python", "-m", "demo_app.schema"]
     env = {**os.environ, "DATABASE_URL": database_url}
-    result = subprocess.run([sys.executable, "-c", init["command"][2]], env=env, cwd=ROOT,
+    result = subprocess.run([sys.executable, *init["command"][1:]], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "demo tables ready" in result.stdout
@@ -250,6 +250,18 @@ def test_schema_init_container_creates_the_demo_tables(database_url: str) -> Non
         assert set(Base.metadata.tables) <= set(inspect(engine).get_table_names())
     finally:
         engine.dispose()
+
+
+def test_schema_command_fails_clearly_without_a_database() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    result = subprocess.run([sys.executable, "-m", "demo_app.schema"], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2 and "DATABASE_URL is not set" in result.stderr
+    env["DATABASE_URL"] = "postgresql://nobody@127.0.0.1:1/none"
+    result = subprocess.run([sys.executable, "-m", "demo_app.schema", "--wait", "0"], env=env,
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 1 and "demo schema not created: OperationalError" in (
+        result.stderr)
 
 
 def test_external_dsn_variant_needs_no_bundled_database() -> None:

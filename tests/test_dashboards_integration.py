@@ -117,6 +117,11 @@ LOCK = "session-store"
 #: Every alert's `for` cut to 1 s, except the collector-down one: `absent(pg_up)` is true
 #: before the first scrape, and that race must not fire it.
 FOR = {a.alert: "1s" for a in ALERTS} | {"PostgresCollectorDown": "5s"}
+# Saturation is used/max merged over both workers, and pool_isolation/shared saturates the
+# shared pool for only a few seconds: two consecutive 1 s evaluations at >= 0.9 are not
+# guaranteed (seen once in a fresh-clone CI run: pending, never firing). One evaluation
+# proves the alert fires from real data; what `for` does is promtool's test to show.
+FOR["PoolSaturated"] = FOR["PoolPendingRequestsSustained"] = "0s"  # the same, for queueing
 THRESHOLDS: dict[str, float] = {
     # A 0.5 s call never reaches the production 30 s. 0.1 s, a fifth of the call the
     # anti-patterns keep a transaction open across, is still far above the milliseconds a

@@ -18,7 +18,6 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from monitor.catalogue import SECONDS_BUCKETS
 from monitor.config import Settings, load_settings
 from monitor.gauges import read_gauges
 from monitor.hooks import (
@@ -28,7 +27,7 @@ from monitor.hooks import (
     build_hooks,
     timed_execute,
 )
-from monitor.ledger import SITE_FIELDS, Hold, Ledger
+from monitor.ledger import Hold, Ledger
 from monitor.poolclass import instrumented_class, original_class
 from monitor.sites import SiteFinder
 
@@ -393,5 +392,5 @@ def _after_fork_in_child() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
-__all__ = ["SECONDS_BUCKETS", "SITE_FIELDS", "LongHeldEvent", "PoolMonitor", "instrument",
-           "monitors", "uninstrument"]  # fmt: skip
+__all__ = ["LongHeldEvent", "PoolMonitor", "instrument", "monitors", "on_every_monitor",
+           "uninstrument"]  # fmt: skip

@@ -20,6 +20,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from monitor.ledger import CONCURRENT, CROSS_THREAD, FOLD_LIMIT, PID_KEY, Hold
+from monitor.naming import thread_name
 
 if TYPE_CHECKING:
     from monitor.instrument import PoolMonitor
@@ -123,9 +124,8 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
         """End the hold of `rec`, if we have one: the cheapest possible return path."""
         try:
             hold = holds_pop(rec, None)
-            if hold is None:
-                with lock:
-                    ledger.counters.untracked_returns += 1
+            if hold is None:  # checked out before we attached
+                ledger.count("untracked_returns")
                 return
             hold.end = end = _perf()
             hold.open = False
@@ -141,39 +141,20 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
         # The pool slot is freed and no checkin follows: the hold ends here.
         if rec in holds:
             on_checkin(dbapi_connection, rec)
-        try:
-            with lock:
-                ledger.counters.detaches += 1
-        except Exception as exc:
-            swallow(monitor, "detach", exc)
+        count_detach()
 
-    def on_close(dbapi_connection: Any, rec: Any) -> None:
-        try:
-            with ledger.lock:
-                ledger.counters.closes += 1
-        except Exception as exc:
-            swallow(monitor, "close", exc)
+    def counting(event: str, counter: str) -> Callable[..., None]:
+        """A listener for a rare event that only adds one to a counter."""
 
-    def on_close_detached(dbapi_connection: Any) -> None:
-        try:
-            with ledger.lock:
-                ledger.counters.closes += 1
-        except Exception as exc:
-            swallow(monitor, "close_detached", exc)
+        def listener(*args: Any) -> None:
+            try:
+                ledger.count(counter)
+            except Exception as exc:
+                swallow(monitor, event, exc)
 
-    def on_invalidate(dbapi_connection: Any, rec: Any, exception: Any) -> None:
-        try:
-            with ledger.lock:
-                ledger.counters.invalidations_hard += 1
-        except Exception as exc:
-            swallow(monitor, "invalidate", exc)
+        return listener
 
-    def on_soft_invalidate(dbapi_connection: Any, rec: Any, exception: Any) -> None:
-        try:
-            with ledger.lock:
-                ledger.counters.invalidations_soft += 1
-        except Exception as exc:
-            swallow(monitor, "soft_invalidate", exc)
+    count_detach = counting("detach", "detaches")
 
     def misuse(hold: Hold, kind: int, thread: int) -> None:
         """Count a cross-thread or overlapping use at the executing site; warn once per
@@ -186,17 +167,16 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
             if first and len(ledger.logged_once) < 10_000:
                 ledger.logged_once.add((label, site))
         if first:
-            names = monitor.thread_names
+            holder, user = thread_name(hold.thread), thread_name(thread)
+            borrowed_at, used_at = monitor.sites.name(hold.site), monitor.sites.name(site)
+            how = ("from another thread" if kind == CROSS_THREAD
+                   else "while another statement was still running")  # fmt: skip
             misuse_log.warning(
                 "pool %r: connection checked out by thread %r at %s was used %s by thread "
-                "%r at %s (logged once per site)", monitor.name, names(hold.thread),
-                monitor.sites.name(hold.site),
-                "from another thread" if kind == CROSS_THREAD else "while another "
-                "statement was still running", names(thread), monitor.sites.name(site),
-                extra={"pool": monitor.name, "misuse": label,
-                       "checkout_thread": names(hold.thread), "use_thread": names(thread),
-                       "checkout_site": monitor.sites.name(hold.site),
-                       "use_site": monitor.sites.name(site)},
+                "%r at %s (logged once per site)", monitor.name, holder, borrowed_at, how,
+                user, used_at,
+                extra={"pool": monitor.name, "misuse": label, "checkout_thread": holder,
+                       "use_thread": user, "checkout_site": borrowed_at, "use_site": used_at},
             )  # fmt: skip
 
     def statement_started(context: Any) -> Hold | None:
@@ -256,10 +236,10 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
         "checked_out": checked_out,
         "checkin": on_checkin,
         "detach": on_detach,
-        "close": on_close,
-        "close_detached": on_close_detached,
-        "invalidate": on_invalidate,
-        "soft_invalidate": on_soft_invalidate,
+        "close": counting("close", "closes"),
+        "close_detached": counting("close_detached", "closes"),
+        "invalidate": counting("invalidate", "invalidations_hard"),
+        "soft_invalidate": counting("soft_invalidate", "invalidations_soft"),
         "statement_started": statement_started,
         "statement_finished": statement_finished,
     }

@@ -25,9 +25,11 @@ from monitor.hooks import (
     EXECUTE_METHODS,
     POOL_EVENTS,
     build_hooks,
+    swallow,
     timed_execute,
 )
 from monitor.ledger import Hold, Ledger
+from monitor.naming import task_name, thread_name
 from monitor.poolclass import instrumented_class, original_class
 from monitor.sites import SiteFinder
 
@@ -84,24 +86,8 @@ def default_pool_name(engine: Engine) -> str:
     return f"{address}/{url.database or ''}"
 
 
-def thread_name(ident: int) -> str:
-    thread = getattr(threading, "_active", {}).get(ident)
-    return thread.name if thread is not None else f"thread-{ident}"
-
-
-def task_name(task: Any) -> str | None:
-    if task is None:
-        return None
-    try:
-        return str(task.get_name())
-    except Exception:
-        return repr(task)
-
-
 class PoolMonitor:
     """The monitor of one engine's pool (across `dispose()` and recreation)."""
-
-    thread_names = staticmethod(thread_name)
 
     def __init__(self, engine: Engine, name: str, settings: Settings) -> None:
         self.name = name
@@ -163,8 +149,6 @@ class PoolMonitor:
                 if fn not in list(getattr(pool.dispatch, name)):
                     self._listen(pool, name, fn)
         except Exception as exc:
-            from monitor.hooks import swallow
-
             swallow(self, "recreate", exc)
 
     def _detach(self) -> None:

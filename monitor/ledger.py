@@ -153,6 +153,11 @@ class Ledger:
             container.clear()
         self._zero()
 
+    def count(self, counter: str) -> None:
+        """Add one to a `Counters` field (the rare events: closes, invalidations, …)."""
+        with self.lock:
+            setattr(self.counters, counter, getattr(self.counters, counter) + 1)
+
     def add_otel_queue(self) -> deque[tuple[str, float]]:
         queue: deque[tuple[str, float]] = deque()
         with self.lock:

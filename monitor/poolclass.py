@@ -44,7 +44,7 @@ def instrumented_class(base: type[Pool], monitor: PoolMonitor) -> type[Pool]:
         try:
             connection = base_connect(self)
         except sa_exc.TimeoutError:
-            _count(monitor, "timeouts")
+            _timed_out(monitor)
             raise
         except BaseException as error:
             _failed(monitor, error)
@@ -79,18 +79,16 @@ def _failed(monitor: PoolMonitor, error: BaseException) -> None:
         if connecting:
             connect_started.set(None)
         if not isinstance(error, Exception):
-            _count(monitor, "cancelled_waits")
+            monitor.ledger.count("cancelled_waits")
         elif connecting:
-            _count(monitor, "connect_errors")
+            monitor.ledger.count("connect_errors")
     except Exception as failure:  # pragma: no cover - defensive
         swallow(monitor, "connect", failure)
 
 
-def _count(monitor: PoolMonitor, counter: str) -> None:
+def _timed_out(monitor: PoolMonitor) -> None:
     try:
-        ledger = monitor.ledger
-        with ledger.lock:
-            setattr(ledger.counters, counter, getattr(ledger.counters, counter) + 1)
+        monitor.ledger.count("timeouts")
     except Exception as error:  # pragma: no cover - defensive
         swallow(monitor, "connect", error)
 

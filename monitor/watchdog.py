@@ -18,8 +18,9 @@ from types import FrameType
 from typing import Any
 
 from monitor.hooks import swallow
-from monitor.instrument import LongHeldEvent, PoolMonitor, monitors, task_name, thread_name
+from monitor.instrument import LongHeldEvent, PoolMonitor, monitors
 from monitor.ledger import LONG_HELD, Hold
+from monitor.naming import task_name, thread_name
 from monitor.sites import format_stack, walk_frames
 
 log = logging.getLogger("monitor.long_held")

@@ -317,9 +317,16 @@ def test_idle_in_transaction_hold_is_joined_with_the_server(cluster: Cluster) ->
     assert metric(text, "pg_up") == 1
     assert (metric(text, "pg_max_connections") or 0) >= 10
     assert metric(text, "pg_reserved_connections") is not None
-    row = _by_pid(cluster)[pid]  # ages as of the request: at least the metric's
+    # The hold's age comes from its worker's last snapshot and the server's from the
+    # sidecar's own PostgreSQL poll: sampled at different moments, so wait for the row too.
+    def row_old_enough() -> dict[str, Any] | None:
+        row = _by_pid(cluster).get(pid)
+        if row and row["server_xact_age_s"] >= IDLE_S and row["age_s"] >= IDLE_S:
+            return row
+        return None
+
+    row = wait_for(row_old_enough, 15, f"hold and transaction of pid {pid} aged {IDLE_S} s")
     assert row["pool"] == "orders-api" and row["server_state"] == "idle in transaction"
-    assert row["server_xact_age_s"] >= IDLE_S and row["age_s"] >= IDLE_S
     assert row["site"].startswith("tests/test_sidecar_e2e.py:") and row["site"].endswith(":worker")
     assert row["thread"] == "MainThread" and row["blocked_by"] == []
     assert row["wait_event"] == "ClientRead" and row["application_name"] == "orders-api"

@@ -13,14 +13,18 @@ import logging
 import sys
 import threading
 import time
+import weakref
 from asyncio import current_task
 from asyncio.events import _get_running_loop
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from monitor.ledger import CONCURRENT, CROSS_THREAD, FOLD_LIMIT, PID_KEY, Hold
+from sqlalchemy import exc as sa_exc
+
+from monitor.ledger import CONCURRENT, CROSS_THREAD, FOLD_LIMIT, Hold
 from monitor.naming import thread_name
+from monitor.poolpatch import returns_to_a_monitor
 
 if TYPE_CHECKING:
     from monitor.instrument import PoolMonitor
@@ -29,7 +33,8 @@ log = logging.getLogger("monitor")
 misuse_log = logging.getLogger("monitor.misuse")
 
 
-#: When the current task/thread started opening a DBAPI connection (set in `do_connect`,
+#: When the current task/thread started opening a DBAPI connection (set by the dialect's
+#: wrapped `connect`,
 #: cleared by the `connect` event): times connects and tells connect errors apart.
 connect_started: ContextVar[float | None] = ContextVar("pool_monitor_connect_started", default=None)
 
@@ -52,40 +57,55 @@ def swallow(monitor: PoolMonitor, where: str, exc: BaseException) -> None:
                   exc_info=exc)  # fmt: skip
 
 
-def backend_pid(dbapi_connection: Any) -> int | None:
-    """The server process id, where the driver tells it (psycopg 3, also via the asyncio
-    adapter; psycopg2 and asyncpg spell it differently)."""
-    for path in (("info", "backend_pid"), ("get_backend_pid",), ("_connection", "info",
-                 "backend_pid"), ("driver_connection", "info", "backend_pid")):  # fmt: skip
-        target: Any = dbapi_connection
-        try:
-            for name in path:
-                target = getattr(target, name)
-            value = target() if callable(target) else target
-        except Exception:
-            continue
-        if isinstance(value, int):
-            return value
-    return None
+def backend_pid(rec: Any) -> int | None:
+    """The server process id of `rec`'s connection, read only from drivers we know, by
+    type: psycopg 3 (`info.backend_pid`, also behind SQLAlchemy's asyncio adapter),
+    psycopg2 (`get_backend_pid()`) and asyncpg (`get_server_pid()`). All three answer from
+    the client library's state, without a round trip. Nothing is called on a connection
+    of any other type: an application's (or a test's) connection object sees no call it
+    did not make."""
+    connection = rec.driver_connection  # the dialect unwraps its asyncio adapter
+    if connection is None:
+        return None
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None and isinstance(connection, psycopg.BaseConnection):
+        value = connection.info.backend_pid
+    else:
+        psycopg2 = sys.modules.get("psycopg2.extensions")
+        asyncpg = sys.modules.get("asyncpg")
+        if psycopg2 is not None and isinstance(connection, psycopg2.connection):
+            value = connection.get_backend_pid()
+        elif asyncpg is not None and isinstance(connection, asyncpg.Connection):
+            value = connection.get_server_pid()
+        else:
+            return None
+    return value if isinstance(value, int) else None
 
 
-def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
-    """Handlers for one pool: pool event listeners by event name, plus `checked_out` (called
-    by the pool subclass) and the statement timing pair (called by `timed_execute`)."""
+#: Records checked out through a pool other than the one that created them (a
+#: SingletonThreadPool or StaticPool built with `_transfer_from`, as SQLAlchemy's own test
+#: suite does): the creating pool receives the return, so it hands it to the monitor
+#: that opened the hold through this table. Weak: a record nobody returns is not kept.
+_transferred: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = weakref.WeakKeyDictionary()
+
+
+def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
+    """Handlers for one monitor: pool event listeners by event name, factories for the
+    pool instance's `connect` and `_return_conn` (see `poolpatch`), and the statement
+    timing pair (called by `dialect_wrappers`)."""
     ledger = monitor.ledger
     find_site = monitor.sites.find
     code_sites = monitor.settings.code_sites
-    # Bound once for the return path (a fork resets the ledger in place, keeping them).
+    # Bound once for the hot path (a fork resets the ledger in place, keeping them).
     lock = ledger.lock
     holds = ledger.holds
     holds_get = holds.get
     holds_pop = holds.pop
-    opened_append = ledger.opened.append
+    holds_setdefault = holds.setdefault
     closed = ledger.closed
     closed_append = closed.append
-
-    def on_do_connect(dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> None:
-        connect_started.set(_perf())
+    waiting = ledger.waiting
+    next_token = ledger.seq.__next__
 
     def on_connect(dbapi_connection: Any, rec: Any) -> None:
         try:
@@ -93,55 +113,156 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
             if started is not None:
                 connect_started.set(None)
                 ledger.record_create_time(_perf() - started)
-            rec.info[PID_KEY] = backend_pid(dbapi_connection)
+            ledger.pids[rec] = backend_pid(rec)
         except Exception as exc:
             swallow(monitor, "connect", exc)
 
-    def checked_out(fairy: Any, pool: Any, caller: Any, waited: float) -> None:
-        """Open the hold for a checkout that `pool.connect()` just returned. Called by the
-        pool subclass rather than a `checkout` listener: it is one frame from the caller
-        (the site walk starts three SQLAlchemy frames closer to user code) and SQLAlchemy
-        skips its whole checkout-event block when no `checkout` listener exists. No lock:
-        a dict store and a deque append; the rest is folded in when the ledger is read."""
-        try:
-            if fairy._counter != 1:  # SingletonThreadPool re-entry: the hold is open
-                return
-            rec = fairy._connection_record
-            loop = _get_running_loop()
-            hold = Hold(_perf(), waited, _get_ident(), current_task(loop) if loop else None,
-                        find_site(caller) if code_sites else None, rec, pool)  # fmt: skip
-            previous = holds_get(rec)
-            holds[rec] = hold
-            opened_append(hold)
-            if previous is not None:  # StaticPool hands one record out twice
-                previous.open = False
-                previous.end = hold.start
-                closed_append(previous)
-        except Exception as exc:
-            swallow(monitor, "checkout", exc)
+    def wrap_connect(pool: Any, base_connect: Callable[[Any], Any]) -> Callable[[], Any]:
+        """`pool.connect`, timed: waiting callers, wait time and timeouts (which no event
+        sees), then the hold is opened here rather than in a `checkout` listener: one frame
+        from the caller (the site walk starts three SQLAlchemy frames closer to user code),
+        and SQLAlchemy skips its whole checkout-event block when no listener exists. No
+        lock: one dict store; the rest is folded when the ledger is read.
+        The pool is referenced weakly: the function lives in the pool's own `__dict__`."""
+        pool_ref = weakref.ref(pool)
 
-    def on_checkin(dbapi_connection: Any, rec: Any) -> None:
-        """End the hold of `rec`, if we have one: the cheapest possible return path."""
+        def connect() -> Any:
+            pool = pool_ref()
+            token = next_token()
+            waiting[token] = None  # dict set/pop are atomic: no lock for the pending count
+            started = _perf()
+            try:
+                fairy = base_connect(pool)
+            except BaseException as error:
+                waiting.pop(token, None)
+                checkout_failed(error)
+                raise
+            waiting.pop(token, None)
+            try:
+                if fairy._counter == 1:  # else SingletonThreadPool re-entry: hold is open
+                    now = _perf()
+                    rec = fairy._connection_record
+                    loop = _get_running_loop()
+                    hold = Hold(now, now - started, _get_ident(),
+                                current_task(loop) if loop else None,
+                                find_site(_getframe(1)) if code_sites else None,
+                                rec, rec.fairy_ref)  # fmt: skip
+                    if rec._ConnectionRecord__pool is not pool:
+                        transferred(hold)
+                    elif holds_setdefault(rec, hold) is not hold:
+                        replace(hold)
+            except Exception as exc:
+                swallow(monitor, "checkout", exc)
+            return fairy
+
+        return connect
+
+    def checkout_failed(error: BaseException) -> None:
+        """A checkout failed: a pool timeout (no event sees it), a connect error (the dialect
+        ran but no `connect` event followed), a cancelled wait, or a listener's error."""
         try:
-            hold = holds_pop(rec, None)
-            if hold is None:  # checked out before we attached
-                ledger.count("untracked_returns")
+            if isinstance(error, sa_exc.TimeoutError):
+                ledger.count("timeouts")
                 return
-            hold.end = end = _perf()
-            hold.open = False
-            closed_append(hold)
-            if len(closed) > FOLD_LIMIT:  # nobody folding (no watchdog?): stay bounded
-                ledger.drain()
-            if hold.alerted:
-                monitor.report_return(hold, end - hold.start)
-        except Exception as exc:
-            swallow(monitor, "checkin", exc)
+            connecting = connect_started.get() is not None
+            if connecting:
+                connect_started.set(None)
+            if not isinstance(error, Exception):
+                ledger.count("cancelled_waits")
+            elif connecting:
+                ledger.count("connect_errors")
+        except Exception as failure:  # pragma: no cover - defensive
+            swallow(monitor, "connect", failure)
+
+    def replace(hold: Hold) -> None:
+        """The record already had a hold: StaticPool handing its one record out twice, or
+        a checkout that won the race against the `detach` of the previous holder (the
+        record is back in the queue before `detach` fires). The older hold ends now."""
+        with lock:
+            previous = holds_pop(hold.record, None)  # atomic: whoever pops it, ends it
+            holds[hold.record] = hold
+        if previous is not None and previous is not hold:
+            end(previous, hold.start)
+
+    def transferred(hold: Hold) -> None:
+        """A record created by another pool: that pool gets the return. Track the hold
+        only if that pool is patched by some monitor, which will hand the return back."""
+        owner = hold.record._ConnectionRecord__pool
+        if returns_to_a_monitor(owner):
+            holds[hold.record] = hold
+            _transferred[hold.record] = returned
+        else:  # its return is invisible to us: count the checkout, open no hold
+            with lock:
+                ledger.count_checkout(hold)
+                ledger.counters.untracked_checkouts += 1
+
+    def end(hold: Hold, at: float) -> None:
+        hold.end = at
+        hold.open = False
+        closed_append(hold)
+        ended(hold, at)
+
+    def ended(hold: Hold, at: float) -> None:
+        """What rarely follows a hold's end: folding when nobody else does (no watchdog?),
+        the long-held hold's report."""
+        if len(closed) > FOLD_LIMIT:
+            ledger.drain()
+        if hold.alerted:
+            monitor.report_return(hold, at - hold.start)
+
+    def returned(rec: Any) -> None:
+        """End the hold of `rec`, if we have one (the return of a record we lent, or one
+        the fast path found no hold for)."""
+        hold = holds_pop(rec, None)
+        if hold is not None:
+            end(hold, _perf())
+            return
+        other_monitor = _transferred.pop(rec, None)
+        if other_monitor is not None:
+            other_monitor(rec)
+        else:  # checked out before we attached, or a checkout that failed
+            ledger.count("untracked_returns")
+
+    def wrap_return(pool: Any, base_return: Callable[[Any, Any], Any]) -> Callable[[Any], Any]:
+        """`pool._return_conn`, which every checkin reaches (`_ConnectionRecord.checkin`
+        calls it right after the `checkin` event): the hold ends before the record is back
+        in the queue, so the next holder's checkout cannot race it. Cheaper than a
+        `checkin` listener, which SQLAlchemy would dispatch through its listener loop.
+        `end` is inlined: this is the return path of every checkout."""
+        pool_ref = weakref.ref(pool)
+
+        def _return_conn(rec: Any) -> Any:
+            try:
+                hold = holds_pop(rec, None)
+                if hold is None:
+                    returned(rec)
+                else:
+                    hold.end = now = _perf()
+                    hold.open = False
+                    closed_append(hold)
+                    if hold.alerted or len(closed) > FOLD_LIMIT:
+                        ended(hold, now)
+            except Exception as exc:
+                swallow(monitor, "checkin", exc)
+            return base_return(pool_ref(), rec)
+
+        return _return_conn
 
     def on_detach(dbapi_connection: Any, rec: Any) -> None:
-        # The pool slot is freed and no checkin follows: the hold ends here.
-        if rec in holds:
-            on_checkin(dbapi_connection, rec)
-        count_detach()
+        """The pool slot is freed and no checkin follows: the hold ends here. SQLAlchemy
+        puts the record back in the queue *before* firing `detach`, so another thread may
+        already hold it: the hold ends only if the record is no longer out to its fairy."""
+        try:
+            with lock:  # against `replace`; a checkout's unlocked store only adds
+                hold = holds_get(rec)
+                ended = hold is not None and rec.fairy_ref is not hold.fairy_ref
+                if ended:
+                    holds_pop(rec, None)
+            if ended:
+                end(hold, _perf())
+            ledger.count("detaches")
+        except Exception as exc:
+            swallow(monitor, "detach", exc)
 
     def counting(event: str, counter: str) -> Callable[..., None]:
         """A listener for a rare event that only adds one to a counter."""
@@ -153,8 +274,6 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
                 swallow(monitor, event, exc)
 
         return listener
-
-    count_detach = counting("detach", "detaches")
 
     def misuse(hold: Hold, kind: int, thread: int) -> None:
         """Count a cross-thread or overlapping use at the executing site; warn once per
@@ -231,10 +350,9 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
             hold.sql_t0 = 0.0
 
     return {
-        "do_connect": on_do_connect,
         "connect": on_connect,
-        "checked_out": checked_out,
-        "checkin": on_checkin,
+        "wrap_connect": wrap_connect,
+        "wrap_return": wrap_return,
         "detach": on_detach,
         "close": counting("close", "closes"),
         "close_detached": counting("close_detached", "closes"),
@@ -245,17 +363,28 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., None]]:
     }
 
 
-def timed_execute(dialect: Any, started: Callable[[Any], Hold | None],
-                  finished: Callable[[Hold], None]) -> dict[str, Callable[..., Any]]:  # fmt: skip
-    """Wrappers for a dialect's `do_execute`, `do_executemany` and `do_execute_no_params`,
-    so the DBAPI call is bracketed exactly (a failed statement included, via `finally`).
+def dialect_wrappers(
+    dialect: Any, started: Callable[[Any], Hold | None], finished: Callable[[Hold], None]
+) -> dict[str, Callable[..., Any]]:
+    """Wrappers for a dialect's `connect` (which starts the create-time clock, stopped by
+    the `connect` event) and its `do_execute`, `do_executemany` and
+    `do_execute_no_params`, so the DBAPI call is bracketed exactly (a failed statement
+    included, via `finally`).
 
     Why not `before/after_cursor_execute`: any ConnectionEvents listener on an engine makes
     every `Connection()` join the engine's dispatch and fire `engine_connect`, which costs
-    about 1.5 µs on *every* checkout, SQL or not. These are public Dialect methods, set on
-    this engine's own dialect instance only, with the methods' own signatures (a dialect
-    may call them itself, with keywords, or without a context).
+    about 1.5 µs on *every* checkout, SQL or not. Why not a `do_connect` listener: it only
+    fires once the dialect's private `_has_events` flag is set, which would also make
+    every statement loop over the dialect's execute events. These are public Dialect
+    methods, set on this engine's own dialect instance only, with the methods' own
+    signatures (a dialect may call them itself, with keywords, or without a context).
     """
+    connect = dialect.connect
+
+    def connect_(*cargs: Any, **cparams: Any) -> Any:
+        connect_started.set(_perf())
+        return connect(*cargs, **cparams)
+
     execute = dialect.do_execute
     executemany = dialect.do_executemany
     execute_no_params = dialect.do_execute_no_params
@@ -290,7 +419,8 @@ def timed_execute(dialect: Any, started: Callable[[Any], Hold | None],
         finally:
             finished(hold)
 
-    wrappers = {"do_execute": do_execute, "do_executemany": do_executemany,
+    wrappers = {"connect": connect_, "do_execute": do_execute,
+                "do_executemany": do_executemany,
                 "do_execute_no_params": do_execute_no_params}  # fmt: skip
     for wrapper in wrappers.values():
         wrapper.__pool_monitor__ = True  # type: ignore[attr-defined]
@@ -299,9 +429,8 @@ def timed_execute(dialect: Any, started: Callable[[Any], Hold | None],
 
 #: No `reset` listener, although a terminate-only reset ends a hold: every such reset is
 #: followed by `detach` (asyncio GC), or concerns an already detached connection, and when
-#: a reset raises, `_finalize_fairy` invalidates and fires `checkin`. A `reset` listener
+#: a reset raises, `_finalize_fairy` invalidates and returns the record. A `reset` listener
 #: would cost ~1.3 µs on every checkin (SQLAlchemy builds a PoolResetState for it).
-POOL_EVENTS = ("connect", "checkin", "detach", "close", "close_detached", "invalidate",
+POOL_EVENTS = ("connect", "detach", "close", "close_detached", "invalidate",
                "soft_invalidate")  # fmt: skip
-DIALECT_EVENTS = ("do_connect",)
-EXECUTE_METHODS = ("do_execute", "do_executemany", "do_execute_no_params")
+DIALECT_METHODS = ("connect", "do_execute", "do_executemany", "do_execute_no_params")

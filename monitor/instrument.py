@@ -15,22 +15,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from monitor import listeners, poolpatch
 from monitor.config import Settings, load_settings
 from monitor.gauges import read_gauges
 from monitor.hooks import (
-    DIALECT_EVENTS,
-    EXECUTE_METHODS,
+    DIALECT_METHODS,
     POOL_EVENTS,
     build_hooks,
+    dialect_wrappers,
     swallow,
-    timed_execute,
 )
 from monitor.ledger import Hold, Ledger
 from monitor.naming import task_name, thread_name
-from monitor.poolclass import instrumented_class, original_class
 from monitor.sites import SiteFinder
 
 SNAPSHOT_VERSION = 1
@@ -96,12 +94,12 @@ class PoolMonitor:
         self.ledger = Ledger(settings.max_sites, self.sites.name)
         self.active = False
         self._engine_ref = weakref.ref(engine)
-        self._hooks = build_hooks(self)
-        self.checked_out = self._hooks["checked_out"]
-        self._pool_class: type | None = None
-        # Weak: the registry is keyed weakly by engine, so nothing here may keep the engine
-        # (or its pool, which references it) alive once the application drops it.
-        self._listening: list[tuple[weakref.ref[Any], str, Callable[..., Any]]] = []
+        self.hooks = build_hooks(self)
+        # Every pool we patched: the engine's, and those `dispose()` retired while
+        # connections were still out (their returns still come to us). Weak: nothing here
+        # may keep a pool (or through it the engine) alive once the application drops it.
+        self._pools: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._dialect_saved: dict[str, Any] = {}  # instance attributes we wrapped
 
     # -- wiring ---------------------------------------------------------------------------
     @property
@@ -111,63 +109,52 @@ class PoolMonitor:
     def _attach(self) -> None:
         engine = self.engine
         assert engine is not None
-        self._swap_pool_class(engine.pool)
-        for name in POOL_EVENTS:
-            self._listen(engine.pool, name, self._hooks[name])
-        for name in DIALECT_EVENTS:
-            self._listen(engine, name, self._hooks[name])
-        wrappers = timed_execute(engine.dialect, self._hooks["statement_started"],
-                                 self._hooks["statement_finished"])  # fmt: skip
+        dialect = engine.dialect
+        wrappers = dialect_wrappers(dialect, self.hooks["statement_started"],
+                                    self.hooks["statement_finished"])  # fmt: skip
+        self._dialect_saved = {n: dialect.__dict__[n] for n in wrappers if n in dialect.__dict__}
         for name, wrapper in wrappers.items():
-            setattr(engine.dialect, name, wrapper)
+            setattr(dialect, name, wrapper)
+        self._attach_pool(engine.pool)
         self.active = True
 
-    def _listen(self, target: Any, name: str, fn: Callable[..., Any]) -> None:
-        event.listen(target, name, fn)
-        self._listening.append((weakref.ref(target), name, fn))
-
-    def _swap_pool_class(self, pool: Any) -> None:
-        base = original_class(type(pool))
-        if self._pool_class is None or original_class(self._pool_class) is not base:
-            self._pool_class = instrumented_class(base, self)
-        pool.__class__ = self._pool_class
+    def _attach_pool(self, pool: Any) -> None:
+        for name in POOL_EVENTS:
+            listeners.add(pool, name, self.hooks[name])
+        poolpatch.patch(pool, self)
+        self._pools.add(pool)
 
     def recreated(self, pool: Any) -> None:
-        """Called by the subclass's `recreate()` (what `engine.dispose()` uses): a safety
-        net for pool classes whose `recreate()` does not reuse `self.__class__` or drops
-        the listeners. Not an `engine_disposed` listener: any ConnectionEvents listener
-        costs every checkout ~2 µs (see hooks.timed_execute)."""
+        """Called by the patched `recreate()` (what `engine.dispose()` uses). The new pool
+        has our listeners already (`recreate` copies them); its methods need patching. Not
+        an `engine_disposed` listener: any ConnectionEvents listener costs every checkout
+        ~2 µs (see hooks.dialect_wrappers)."""
         try:
-            if not self.active:
-                return
-            if type(pool) is not self._pool_class:
-                self._swap_pool_class(pool)
-            for name in POOL_EVENTS:
-                fn = self._hooks[name]
-                # recreate() copies listeners without registering them under the new
-                # pool, so event.contains() cannot see them: look in the dispatch itself.
-                if fn not in list(getattr(pool.dispatch, name)):
-                    self._listen(pool, name, fn)
+            if self.active:
+                self._attach_pool(pool)
         except Exception as exc:
             swallow(self, "recreate", exc)
 
     def _detach(self) -> None:
         self.active = False
-        for target_ref, name, fn in reversed(self._listening):
-            target = target_ref()
-            if target is not None and event.contains(target, name, fn):
-                event.remove(target, name, fn)
-        self._listening.clear()
+        for pool in list(self._pools):
+            poolpatch.unpatch(pool)
+            for name in POOL_EVENTS:
+                listeners.remove(pool, name, self.hooks[name])
+        self._pools.clear()
         engine = self.engine
         if engine is not None:
-            for name in EXECUTE_METHODS:
-                if getattr(engine.dialect.__dict__.get(name), "__pool_monitor__", False):
-                    delattr(engine.dialect, name)
-            pool = engine.pool
-            for name in POOL_EVENTS:  # copies made by recreate() after a dispose()
-                _remove_copied_listener(pool, name, self._hooks[name])
-            if isinstance(pool, self._pool_class or ()):
-                pool.__class__ = original_class(type(pool))
+            dialect = engine.dialect
+            for name in DIALECT_METHODS:  # ours only; what was there before comes back
+                if getattr(dialect.__dict__.get(name), "__pool_monitor__", False):
+                    if name in self._dialect_saved:
+                        setattr(dialect, name, self._dialect_saved[name])
+                    else:
+                        delattr(dialect, name)
+
+    def backend_pid(self, hold: Hold) -> int | None:
+        """The server backend's pid of `hold`'s connection (recorded at connect)."""
+        return self.ledger.pids.get(hold.record)
 
     # -- long-held ------------------------------------------------------------------------
     def due_long_held(self, now: float) -> list[Hold]:
@@ -192,7 +179,7 @@ class PoolMonitor:
             self.name, site, held,
             extra={"pool": self.name, "site": site, "held_s": held,
                    "thread_name": thread_name(hold.thread), "task_name": task_name(hold.task),
-                   "backend_pid": hold.pid},
+                   "backend_pid": self.backend_pid(hold)},
         )  # fmt: skip
 
     # -- reading --------------------------------------------------------------------------
@@ -207,7 +194,7 @@ class PoolMonitor:
         threshold = self.settings.long_held_threshold
         engine = self.engine
         pool = engine.pool if engine is not None else None
-        on_pool = sum(1 for h in holds if h.pool is pool)
+        on_pool = sum(1 for h in holds if h.record._ConnectionRecord__pool is pool)
         pool_gauges = read_gauges(pool, on_pool, len(holds) - on_pool)
         count = {"used": pool_gauges.used}
         if pool_gauges.idle is not None:
@@ -245,7 +232,7 @@ class PoolMonitor:
         return {
             "version": SNAPSHOT_VERSION,
             "pool": self.name,
-            "pool_class": original_class(type(pool)).__name__ if pool is not None else None,
+            "pool_class": type(pool).__name__ if pool is not None else None,
             "settings": {"long_held_threshold": threshold, "max_sites": self.settings.max_sites},
             "gauges": gauges,
             "counters": result_counters,
@@ -265,7 +252,7 @@ class PoolMonitor:
             "thread": thread_name(hold.thread),
             "thread_id": hold.thread,
             "task": task_name(hold.task),
-            "backend_pid": hold.pid,
+            "backend_pid": self.backend_pid(hold),
             "sql_time_s": sql,
             "executing": bool(hold.depth),
             "long_held": bool(threshold) and age >= threshold,
@@ -273,18 +260,6 @@ class PoolMonitor:
 
     def __repr__(self) -> str:
         return f"<PoolMonitor pool={self.name!r} active={self.active}>"
-
-
-def _remove_copied_listener(pool: Any, name: str, fn: Callable[..., Any]) -> None:
-    """Remove `fn` from a pool made by `recreate()`. Its listeners are copies registered
-    under the *original* pool; once that pool is collected `event.remove` cannot reach
-    them, so they are taken out of the pool's own listener collection."""
-    if event.contains(pool, name, fn):
-        event.remove(pool, name, fn)
-        return
-    listeners = getattr(getattr(pool.dispatch, name), "listeners", None)
-    if listeners is not None and fn in listeners:
-        listeners.remove(fn)
 
 
 def instrument(engine: Any, pool_name: str | None = None, **settings: Any) -> PoolMonitor:
@@ -337,8 +312,10 @@ def _unique_name(pool_name: str | None, engine: Engine) -> str:
         if pool_name in taken:
             from monitor.config import ConfigError
 
-            raise ConfigError(f"pool_name {pool_name!r} is already used by another "
-                              f"instrumented engine; pool names must be unique per process")
+            raise ConfigError(
+                f"pool_name {pool_name!r} is already used by another "
+                f"instrumented engine; pool names must be unique per process"
+            )
         return pool_name
     name = default_pool_name(engine)
     suffix = 2

@@ -1,11 +1,12 @@
 """Per-pool state: live holds, counters, histograms and per-site totals.
 
-The hooks write with atomic operations only (a dict store, deque appends): a checkout is
-appended to `opened`, a return to `closed`. Everything else is *folded* from those two
-queues, once per hold, when the ledger is read (every exporter reads) or on a watchdog
-tick. Folding each event exactly once is what keeps every exported counter monotonic
-however reads and returns interleave. Gauges are not kept here: they are read from the
-live pool when collected (see `gauges`).
+The hooks write with atomic operations only: a checkout stores its hold in `holds`, a
+return moves it to the `closed` queue. Everything else is *folded* once per hold, when the
+ledger is read (every exporter reads) or on a watchdog tick: a returned hold's checkout
+and use in one pass, and a hold still out has its checkout counted when read (`counted`
+keeps it from being counted again when it returns). Folding each event exactly once is
+what keeps every exported counter monotonic however reads and returns interleave. Gauges
+are not kept here: they are read from the live pool when collected (see `gauges`).
 """
 
 from __future__ import annotations
@@ -31,18 +32,17 @@ SITE_FIELDS = ("use_time", "idle_in_use_time", "checkouts", "long_held_events",
 OTEL_QUEUE_LIMIT = 200_000
 #: Holds waiting to be folded; past this, the returning thread folds them itself.
 FOLD_LIMIT = 20_000
-#: Where the `connect` hook records a connection's server backend pid.
-PID_KEY = "pool_monitor.backend_pid"
 
 
 class Hold:
     """One checkout: who borrowed the connection, where, and how it is being used."""
 
-    __slots__ = ("alerted", "depth", "end", "exec_thread", "open", "pool", "record", "shared",
-                 "site", "sql", "sql_t0", "start", "task_ref", "thread", "waited")  # fmt: skip
+    __slots__ = ("alerted", "counted", "depth", "end", "exec_thread", "fairy_ref", "open",
+                 "record", "shared", "site", "sql", "sql_t0", "start", "task_ref", "thread",
+                 "waited")  # fmt: skip
 
     def __init__(self, start: float, waited: float, thread: int, task: Any,
-                 site: SiteKey | None, record: Any, pool: Any) -> None:  # fmt: skip
+                 site: SiteKey | None, record: Any, fairy_ref: Any) -> None:  # fmt: skip
         self.start = start
         self.waited = waited
         self.thread = thread
@@ -51,13 +51,17 @@ class Hold:
         self.task_ref = weakref.ref(task) if task is not None else None
         self.site = site
         self.record = record
-        self.pool = pool
+        # SQLAlchemy's own weak reference from the record to the checkout's fairy, new on
+        # every checkout: while `record.fairy_ref is hold.fairy_ref`, this hold is the
+        # record's current one (what tells a late `detach` from the next holder's hold).
+        self.fairy_ref = fairy_ref
         self.sql = 0.0
         self.sql_t0 = 0.0
         self.depth = 0
         self.exec_thread = 0
         self.end = 0.0
         self.open = True
+        self.counted = False  # its checkout is in the totals (folded while still out)
         self.alerted = False
         self.shared = False  # set once used from another thread: from then on, locked
 
@@ -65,20 +69,12 @@ class Hold:
     def task(self) -> Any:
         return self.task_ref() if self.task_ref is not None else None
 
-    @property
-    def pid(self) -> int | None:
-        """The server backend's pid (recorded at connect, read only when reported)."""
-        try:
-            return self.record.info.get(PID_KEY)
-        except Exception:
-            return None
-
 
 class Counters:
     __slots__ = ("cancelled_waits", "checkouts", "closes", "connect_errors", "connects",
                  "detaches", "errors", "idle_in_use_time", "invalidations_hard",
                  "invalidations_soft", "otel_dropped", "sql_time", "timeouts",
-                 "untracked_returns")  # fmt: skip
+                 "untracked_checkouts", "untracked_returns")  # fmt: skip
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -118,15 +114,18 @@ class Ledger:
     """Everything one instrumented pool has measured in this process."""
 
     __slots__ = ("closed", "counters", "create_time", "holds", "lock", "logged_once",
-                 "opened", "otel_queues", "seq", "sites", "use_time", "wait_time",
+                 "otel_queues", "pids", "seq", "sites", "use_time", "wait_time",
                  "waiting")  # fmt: skip
 
     def __init__(self, max_sites: int, name_of: Callable[[SiteKey | None], str]) -> None:
         self.lock = threading.Lock()
         self.holds: dict[Any, Hold] = {}  # live holds by connection record
-        self.opened: deque[Hold] = deque()  # checkouts not yet folded
         self.closed: deque[Hold] = deque()  # returns not yet folded
         self.waiting: dict[int, None] = {}
+        # Server backend pid by connection record, set at connect. Our own side table, not
+        # `record.info` (that is the application's `Connection.info` dict); weak, so a
+        # closed record goes with its pid.
+        self.pids: weakref.WeakKeyDictionary[Any, int | None] = weakref.WeakKeyDictionary()
         self.otel_queues: list[deque[tuple[str, float]]] = []  # one per OTel bridge
         self.seq = itertools.count()  # tokens for `waiting`; only uniqueness matters
         self.sites = SiteTable(max_sites, name_of)
@@ -148,7 +147,7 @@ class Ledger:
         reinit = getattr(self.lock, "_at_fork_reinit", None)
         if reinit is not None:
             reinit()
-        for container in (self.holds, self.opened, self.closed, self.waiting,
+        for container in (self.holds, self.closed, self.waiting, self.pids,
                           *self.otel_queues):  # fmt: skip
             container.clear()
         self._zero()
@@ -166,58 +165,52 @@ class Ledger:
 
     # -- folding (off the hot path) ---------------------------------------------------------
     def drain(self) -> None:
-        """Fold every queued checkout and return into the totals."""
+        """Fold every returned hold into the totals."""
         with self.lock:
-            self._drain_locked()
-
-    def _drain_locked(self) -> None:
-        if self.opened:
-            self._fold_opened()
-        if self.closed:
             self._fold_closed()
 
-    def _fold_opened(self) -> None:
-        """Checkouts: the count, the wait, the per-site count."""
-        popleft = self.opened.popleft
-        bounds = self.wait_time.bounds
-        counts = self.wait_time.counts
-        by_site = self.sites.by_site
-        totals_for = self.sites.totals
-        otel = self.otel_queues
-        folded = 0
-        wait_sum = 0.0
-        try:
-            while True:
-                try:
-                    hold = popleft()
-                except IndexError:
-                    break
-                waited = hold.waited
-                counts[bisect_left(bounds, waited)] += 1
-                wait_sum += waited
-                folded += 1
-                (by_site.get(hold.site) or totals_for(hold.site))[CHECKOUTS] += 1
-                for queue in otel:
-                    self._to_otel(queue, "wait_time", waited)
-        finally:  # an error mid-way must not leave counts and histograms disagreeing
-            self.wait_time.sum += wait_sum
-            self.counters.checkouts += folded
+    def count_checkout(self, hold: Hold) -> None:
+        """Count the checkout of a hold that is still out (or that no return will reach).
+        Caller holds the lock."""
+        hold.counted = True
+        self.wait_time.counts[bisect_left(self.wait_time.bounds, hold.waited)] += 1
+        self.wait_time.sum += hold.waited
+        self.counters.checkouts += 1
+        self.sites.totals(hold.site)[CHECKOUTS] += 1
+        for queue in self.otel_queues:
+            self._to_otel(queue, "wait_time", hold.waited)
 
     def _fold_closed(self) -> None:
-        """Returns: hold, SQL and idle-in-use time, per pool and per site."""
-        popleft = self.closed.popleft
-        bounds = self.use_time.bounds
-        counts = self.use_time.counts
+        """Returned holds: the checkout (unless counted while out), and the hold, SQL and
+        idle-in-use time, per pool and per site. One pass, locals only: this runs once for
+        every checkout the application makes."""
+        closed = self.closed
+        if not closed:
+            return
+        popleft = closed.popleft
+        use_bounds, use_counts = self.use_time.bounds, self.use_time.counts
+        wait_bounds, wait_counts = self.wait_time.bounds, self.wait_time.counts
         by_site = self.sites.by_site
         totals_for = self.sites.totals
         otel = self.otel_queues
-        use_sum = sql_sum = idle_sum = 0.0
+        checkouts = 0
+        wait_sum = use_sum = sql_sum = idle_sum = 0.0
         try:
             while True:
                 try:
                     hold = popleft()
                 except IndexError:
                     break
+                totals = by_site.get(hold.site) or totals_for(hold.site)
+                if not hold.counted:
+                    waited = hold.waited
+                    wait_counts[bisect_left(wait_bounds, waited)] += 1
+                    wait_sum += waited
+                    checkouts += 1
+                    totals[CHECKOUTS] += 1
+                    if otel:
+                        for queue in otel:
+                            self._to_otel(queue, "wait_time", waited)
                 end = hold.end
                 held = end - hold.start
                 if held < 0.0:
@@ -228,18 +221,20 @@ class Ledger:
                 if sql > held:
                     sql = held
                 idle = held - sql
-                counts[bisect_left(bounds, held)] += 1
+                use_counts[bisect_left(use_bounds, held)] += 1
                 use_sum += held
                 sql_sum += sql
                 idle_sum += idle
-                totals = by_site.get(hold.site) or totals_for(hold.site)
                 totals[USE] += held
                 totals[IDLE] += idle
-                for queue in otel:
-                    self._to_otel(queue, "use_time", held)
-        finally:
+                if otel:
+                    for queue in otel:
+                        self._to_otel(queue, "use_time", held)
+        finally:  # an error mid-way must not leave counts and histograms disagreeing
+            self.wait_time.sum += wait_sum
             self.use_time.sum += use_sum
             counters = self.counters
+            counters.checkouts += checkouts
             counters.sql_time += sql_sum
             counters.idle_in_use_time += idle_sum
 
@@ -260,8 +255,11 @@ class Ledger:
     def read(self) -> dict[str, Any]:
         """A consistent copy of everything, after folding what is queued."""
         with self.lock:
-            self._drain_locked()
+            self._fold_closed()
             holds = list(self.holds.values())
+            for hold in holds:
+                if not hold.counted:
+                    self.count_checkout(hold)
             names = self.sites.names
             rows = [(names[site], list(t)) for site, t in self.sites.by_site.items()]
             other = list(self.sites.other)

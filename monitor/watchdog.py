@@ -128,7 +128,7 @@ def alert(pm: PoolMonitor, hold: Hold, now: float) -> LongHeldEvent:
         site=pm.sites.name(hold.site),
         thread=thread_name(hold.thread),
         task=task_name(hold.task),
-        backend_pid=hold.pid,
+        backend_pid=pm.backend_pid(hold),
         stack=tuple(current_stack(pm, hold)),
     )
     with pm.ledger.lock:

@@ -19,6 +19,7 @@ from sqlalchemy import exc
 from sqlalchemy.pool import NullPool, SingletonThreadPool, StaticPool
 
 import monitor
+from monitor import poolpatch
 from monitor.catalogue import SECONDS_BUCKETS
 from tests.helpers import Engines, assert_no_negative, counter, gauge, hist, wait_until
 
@@ -206,7 +207,8 @@ def test_recreated_pool_keeps_wait_and_timeout_metrics(engines: Engines) -> None
     with engine.connect():
         pass
     engine.dispose()
-    assert type(engine.pool).__name__ == "InstrumentedQueuePool"
+    assert type(engine.pool) is sa.pool.QueuePool  # the class is never swapped
+    assert poolpatch.is_patched(engine.pool)  # the recreated pool's instance is patched
     held = engine.connect()
     with pytest.raises(exc.TimeoutError):
         engine.connect()
@@ -329,18 +331,25 @@ def _listener_counts(engine: sa.Engine) -> dict[str, int]:
     return counts
 
 
-def test_uninstrument_removes_listeners_and_class(engines: Engines) -> None:
+def test_uninstrument_removes_listeners_and_patches(engines: Engines) -> None:
     engine = engines.sync(pool_size=2)
     original = type(engine.pool)
     before = _listener_counts(engine)
     pm = monitor.instrument(engine, pool_name="api")
-    assert _listener_counts(engine)["checkin"] == before["checkin"] + 1
+    assert type(engine.pool) is original  # the class is never swapped
+    assert engine.pool.logger.name == "sqlalchemy.pool.impl.QueuePool"
+    assert _listener_counts(engine)["checkin"] == before["checkin"]  # no checkin listener
+    assert _listener_counts(engine)["connect"] == before["connect"] + 1
+    assert set(vars(engine.pool)) >= {"connect", "_return_conn", "recreate"}
     assert "do_execute" in vars(engine.dialect)  # statement timing wraps the dialect
     engine.dispose()  # listeners were copied onto the recreated pool
     monitor.uninstrument(engine)
     assert type(engine.pool) is original
     assert _listener_counts(engine) == before
-    assert not {"do_execute", "do_executemany", "do_execute_no_params"} & set(vars(engine.dialect))
+    assert not {"connect", "_return_conn", "recreate"} & set(vars(engine.pool))
+    assert not {"connect", "do_execute", "do_executemany", "do_execute_no_params"} & set(
+        vars(engine.dialect)
+    )
     with engine.connect():
         pass
     assert counter(pm, "sqlalchemy.pool.checkouts") == 0

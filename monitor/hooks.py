@@ -104,8 +104,8 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
     holds_setdefault = holds.setdefault
     closed = ledger.closed
     closed_append = closed.append
-    waiting = ledger.waiting
-    next_token = ledger.seq.__next__
+    enter_wait = ledger.waiting.append
+    leave_wait = ledger.waiting.pop
 
     def on_connect(dbapi_connection: Any, rec: Any) -> None:
         try:
@@ -128,16 +128,17 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
 
         def connect() -> Any:
             pool = pool_ref()
-            token = next_token()
-            waiting[token] = None  # dict set/pop are atomic: no lock for the pending count
+            enter_wait(None)  # list append/pop are atomic: no lock for the pending count
             started = _perf()
             try:
                 fairy = base_connect(pool)
             except BaseException as error:
-                waiting.pop(token, None)
-                checkout_failed(error)
+                checkout_failed(error, leave_wait)
                 raise
-            waiting.pop(token, None)
+            try:  # noqa: SIM105 - contextlib.suppress costs a context manager per checkout
+                leave_wait()
+            except IndexError:  # a fork emptied the child's list while we were inside
+                pass
             try:
                 if fairy._counter == 1:  # else SingletonThreadPool re-entry: hold is open
                     now = _perf()
@@ -157,10 +158,12 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
 
         return connect
 
-    def checkout_failed(error: BaseException) -> None:
+    def checkout_failed(error: BaseException, leave_wait: Callable[[], Any]) -> None:
         """A checkout failed: a pool timeout (no event sees it), a connect error (the dialect
         ran but no `connect` event followed), a cancelled wait, or a listener's error."""
         try:
+            if ledger.waiting:  # (emptied only by a fork)
+                leave_wait()
             if isinstance(error, sa_exc.TimeoutError):
                 ledger.count("timeouts")
                 return

@@ -11,7 +11,6 @@ are not kept here: they are read from the live pool when collected (see `gauges`
 
 from __future__ import annotations
 
-import itertools
 import threading
 import weakref
 from bisect import bisect_left
@@ -114,20 +113,19 @@ class Ledger:
     """Everything one instrumented pool has measured in this process."""
 
     __slots__ = ("closed", "counters", "create_time", "holds", "lock", "logged_once",
-                 "otel_queues", "pids", "seq", "sites", "use_time", "wait_time",
+                 "otel_queues", "pids", "sites", "use_time", "wait_time",
                  "waiting")  # fmt: skip
 
     def __init__(self, max_sites: int, name_of: Callable[[SiteKey | None], str]) -> None:
         self.lock = threading.Lock()
         self.holds: dict[Any, Hold] = {}  # live holds by connection record
         self.closed: deque[Hold] = deque()  # returns not yet folded
-        self.waiting: dict[int, None] = {}
+        self.waiting: list[None] = []  # one entry per caller inside `pool.connect()`
         # Server backend pid by connection record, set at connect. Our own side table, not
         # `record.info` (that is the application's `Connection.info` dict); weak, so a
         # closed record goes with its pid.
         self.pids: weakref.WeakKeyDictionary[Any, int | None] = weakref.WeakKeyDictionary()
         self.otel_queues: list[deque[tuple[str, float]]] = []  # one per OTel bridge
-        self.seq = itertools.count()  # tokens for `waiting`; only uniqueness matters
         self.sites = SiteTable(max_sites, name_of)
         self._zero()
 
@@ -196,12 +194,12 @@ class Ledger:
         checkouts = 0
         wait_sum = use_sum = sql_sum = idle_sum = 0.0
         try:
-            while True:
-                try:
-                    hold = popleft()
-                except IndexError:
-                    break
-                totals = by_site.get(hold.site) or totals_for(hold.site)
+            for _ in range(len(closed)):  # only this (locked) reader pops: all are there
+                hold = popleft()
+                site = hold.site
+                totals = by_site.get(site)
+                if totals is None:
+                    totals = totals_for(site)
                 if not hold.counted:
                     waited = hold.waited
                     wait_counts[bisect_left(wait_bounds, waited)] += 1
@@ -211,13 +209,12 @@ class Ledger:
                     if otel:
                         for queue in otel:
                             self._to_otel(queue, "wait_time", waited)
-                end = hold.end
-                held = end - hold.start
+                held = hold.end - hold.start
                 if held < 0.0:
                     held = 0.0
                 sql = hold.sql
                 if hold.depth and hold.sql_t0:  # returned mid-statement (streaming cursor)
-                    sql += end - hold.sql_t0
+                    sql += hold.end - hold.sql_t0
                 if sql > held:
                     sql = held
                 idle = held - sql

@@ -5,7 +5,7 @@ SA20_VENV ?= .venv-sa20
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-sa20 lint bench dashboards clean
+.PHONY: demo test test-sa20 compat compat-sa20 lint bench dashboards clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ test-sa20: $(SA20_VENV)/.installed
 	$(SA20_VENV)/bin/python -c "import sqlalchemy; print('SQLAlchemy', sqlalchemy.__version__)"
 	$(SA20_VENV)/bin/python -m pytest -m core $(PYTEST_ARGS)
 
+# SQLAlchemy's own test suite, bare and with every engine instrumented: instrumenting
+# must change no test's outcome (compat/run.py). COMPAT_ARGS="--backends sqlite" etc.
+compat: $(STAMP)
+	$(BIN)/python -m compat.run --keep-going $(COMPAT_ARGS)
+
+compat-sa20: $(SA20_VENV)/.installed
+	$(SA20_VENV)/bin/python -m compat.run --keep-going $(COMPAT_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
@@ -44,4 +52,4 @@ bench: $(STAMP)
 	$(BIN)/pool-monitor bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(SA20_VENV) demo-report .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SA20_VENV) demo-report .pytest_cache .ruff_cache .compat-cache

@@ -42,8 +42,10 @@ def _pool_state(engine: sa.Engine) -> dict[str, Any]:
               "close_detached", "soft_invalidate", "first_connect")  # fmt: skip
     state = {  # first: reading `dispatch` memoizes it on the instance
         "listeners": {n: list(getattr(pool.dispatch, n)) for n in events},
-        "dialect_events": {n: list(getattr(engine.dialect.dispatch, n))
-                           for n in ("do_connect", "do_execute", "handle_error")},  # fmt: skip
+        "dialect_events": {
+            n: list(getattr(engine.dialect.dispatch, n))
+            for n in ("do_connect", "do_execute", "handle_error")
+        },
     }
     return {
         **state,

@@ -23,7 +23,7 @@ from contextlib import ExitStack
 from typing import Any
 
 MODES = ("paired", "otel")
-CASES = ("empty", "select1")
+CASES = ("empty", "handler", "select1")
 
 
 #: The benchmark's caller, compiled under an application-like file name: a real app's
@@ -39,10 +39,17 @@ def empty_cycle(engine):
     with engine.connect():
         pass
 
+def handler_cycle(engine):
+    # A request handler's size: the checkout sits 100 lines into the function, where
+    # reading the line number from the frame costs most.
+HANDLER_BODY
+    with engine.connect():
+        pass
+
 def select1_cycle(engine):
     with engine.connect() as conn:
         conn.exec_driver_sql("select 1")
-"""
+""".replace("HANDLER_BODY", "\n".join(f"    v{i} = {i}" for i in range(100)))
 
 
 def _app_functions() -> dict[str, Any]:
@@ -58,7 +65,7 @@ def _deep(depth: int, fn: Callable[[], None]) -> None:
 def _timer(engine: Any, case: str, cycles: int, depth: int) -> Callable[[], float]:
     """A function timing one batch of `cycles` cycles; returns µs per cycle."""
     app = _app_functions()
-    cycle = app["empty_cycle"] if case == "empty" else app["select1_cycle"]
+    cycle = app[f"{case}_cycle"]
 
     def batch() -> None:
         for _ in range(cycles):
@@ -80,7 +87,7 @@ def worker(mode: str, url: str, cycles: int, batches: int, depth: int) -> dict[s
     import monitor
 
     engine = sa.create_engine(url, pool_size=5, max_overflow=0)
-    counts = {"empty": cycles, "select1": max(1, cycles // 5)}
+    counts = {"empty": cycles, "handler": cycles, "select1": max(1, cycles // 5)}
     timers = {case: _timer(engine, case, counts[case], depth) for case in CASES}
     modes = ("instrumented", "no_code_sites") if mode == "paired" else ("otel",)
     out: dict[str, dict[str, list[float]]] = {m: {c: [] for c in CASES}
@@ -127,9 +134,11 @@ def _otel_unavailable() -> str | None:
         import sqlalchemy
 
         if tuple(int(p) for p in sqlalchemy.__version__.split(".")[:2]) >= (2, 1):
-            return (f"opentelemetry-instrumentation-sqlalchemy "
-                    f"{version('opentelemetry-instrumentation-sqlalchemy')} refuses SQLAlchemy "
-                    f"{sqlalchemy.__version__}; run the bench in a venv with SQLAlchemy 2.0")
+            return (
+                f"opentelemetry-instrumentation-sqlalchemy "
+                f"{version('opentelemetry-instrumentation-sqlalchemy')} refuses SQLAlchemy "
+                f"{sqlalchemy.__version__}; run the bench in a venv with SQLAlchemy 2.0"
+            )
     except Exception:  # pragma: no cover
         return None
     return None
@@ -195,19 +204,24 @@ def _sa_version() -> str:
 
 def report(result: dict[str, Any]) -> str:
     medians = result["medians_us"]
-    lines = [f"pool-monitor bench: Python {result['python']}, SQLAlchemy {result['sqlalchemy']}, "
-             f"{result['depth']} frames deep, {result['rounds']} processes x "
-             f"{result['batches']} alternating batches (empty: {result['cycles']} cycles/batch)",
-             f"{'mode':<14}{'case':<10}{'median µs/cycle':>17}{'+µs vs bare':>13}{'ratio':>8}"
-             f"{'IQR µs':>9}"]
+    lines = [
+        f"pool-monitor bench: Python {result['python']}, SQLAlchemy {result['sqlalchemy']}, "
+        f"{result['depth']} frames deep, {result['rounds']} processes x "
+        f"{result['batches']} alternating batches (empty: {result['cycles']} cycles/batch)",
+        f"{'mode':<14}{'case':<10}{'median µs/cycle':>17}{'+µs vs bare':>13}{'ratio':>8}"
+        f"{'IQR µs':>9}",
+    ]
     for mode, cases in medians.items():
         bare = result.get("otel_bare_us", medians["bare"]) if mode == "otel" else medians["bare"]
         for case, value in cases.items():
             spread = result.get("iqr_us", {}).get(mode, {}).get(case, 0.0)
             lines.append(f"{mode:<14}{case:<10}{value:>17.2f}{value - bare[case]:>+13.2f}"
                          f"{value / bare[case]:>8.2f}{spread:>9.2f}")  # fmt: skip
-    lines.append("instrumented = default settings; no_code_sites = code_sites=False. "
-                 "select1 includes PostgreSQL round trips: read its IQR before its delta.")
+    lines.append(
+        "instrumented = default settings; no_code_sites = code_sites=False. "
+        "handler: the empty cycle 100 lines into a function. "
+        "select1 includes PostgreSQL round trips: read its IQR before its delta."
+    )
     if "otel_bare_us" in result:
         lines.append("(otel is compared with the bare batches of its own processes)")
     if result.get("otel_note"):
@@ -217,12 +231,16 @@ def report(result: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cycles", type=int, default=5000, help="cycles per batch (empty case)")
-    parser.add_argument("--batches", type=int, default=9,
-                        help="alternating batches per process and mode")
+    parser.add_argument(
+        "--batches", type=int, default=9, help="alternating batches per process and mode"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="worker processes per mode")
     parser.add_argument("--depth", type=int, default=25, help="stack depth of the caller")
-    parser.add_argument("--otel", action="store_true",
-                        help="also OpenTelemetry's SQLAlchemy instrumentation, if importable")
+    parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="also OpenTelemetry's SQLAlchemy instrumentation, if importable",
+    )
     parser.add_argument("--url", help="database URL (default: DATABASE_URL or embedded)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 

@@ -31,7 +31,7 @@ def test_bench_reports_medians_and_ratios(database_url: str) -> None:
     medians = result["medians_us"]
     assert set(medians) == {"bare", "instrumented", "no_code_sites"}
     for mode in medians.values():
-        assert set(mode) == {"empty", "select1"} and all(v > 0 for v in mode.values())
+        assert set(mode) == {"empty", "handler", "select1"} and all(v > 0 for v in mode.values())
     assert result["depth"] == 25
 
 

@@ -64,6 +64,29 @@ def test_site_is_the_calling_line_of_user_code(engines: Engines) -> None:
     }
 
 
+def test_site_line_is_exact_deep_in_a_long_function_and_resolved_once(engines: Engines) -> None:
+    """Sites are looked up by (code, instruction offset), their line decoded once: two
+    call sites on different lines of a 200-line function keep their own exact lines, and
+    a site seen again returns the very same key."""
+    engine = engines.sync(pool_size=2)
+    pm = monitor.instrument(engine, pool_name="api")
+    filler = "\n".join(f"    v{i} = {i}" for i in range(200))
+    source = f"def handler(engine):\n{filler}\n    for _ in range(3):\n"
+    source += "        with engine.connect():\n            pass\n"
+    source += "    with engine.connect():\n        pass\n"
+    namespace: dict[str, object] = {}
+    exec(compile(source, "app/long_handler.py", "exec"), namespace)
+    namespace["handler"](engine)  # type: ignore[operator]
+    assert counter(pm, "sqlalchemy.pool.site_checkouts") == {
+        "app/long_handler.py:203:handler": 3,
+        "app/long_handler.py:205:handler": 1,
+    }
+    frame = inspect.currentframe()
+    assert frame is not None
+    first, again = [pm.sites.find(frame) for _ in range(2)]  # one instruction offset
+    assert first is again
+
+
 async def test_async_site_crosses_the_greenlet_bridge(engines: Engines) -> None:
     from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -198,7 +221,8 @@ def test_live_holds_in_snapshot(engines: Engines) -> None:
         assert hold["executing"] is False
         assert 0 < hold["sql_time_s"] < 0.1
         assert hold["site"].startswith(f"{THIS_FILE}:") and hold["site"].endswith(
-            ":test_live_holds_in_snapshot")
+            ":test_live_holds_in_snapshot"
+        )
         assert abs(hold["started_at"] - (time.time() - hold["age_s"])) < 0.05
 
 
@@ -374,7 +398,8 @@ def test_session_shared_with_a_heartbeat_thread_is_detected(
         assert len([w for w in warnings if w.misuse == "concurrent"]) == len(concurrent_sites)
         warnings = [w for w in warnings if w.misuse == "cross_thread"]
         assert warnings[0].use_thread == "heartbeat" and warnings[0].checkout_thread == (
-            "MainThread")
+            "MainThread"
+        )
         assert "'heartbeat'" in warnings[0].getMessage()
         assert "'MainThread'" in warnings[0].getMessage()
     else:

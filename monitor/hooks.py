@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import exc as sa_exc
 
 from monitor.ledger import CONCURRENT, CROSS_THREAD, FOLD_LIMIT, Hold
-from monitor.naming import thread_name
+from monitor.naming import thread_labels, thread_name
 from monitor.poolpatch import returns_to_a_monitor
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ connect_started: ContextVar[float | None] = ContextVar("pool_monitor_connect_sta
 
 _perf = time.perf_counter
 _get_ident = threading.get_ident
+current_thread = threading.current_thread
 _getframe = sys._getframe
 
 
@@ -278,9 +279,10 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
 
         return listener
 
-    def misuse(hold: Hold, kind: int, thread: int) -> None:
-        """Count a cross-thread or overlapping use at the executing site; warn once per
-        (kind, site). Off the normal path: it only runs when something is wrong."""
+    def misuse(hold: Hold, kind: int, thread: int, other: int) -> None:
+        """Count an interleaved or overlapping use at the executing site; warn once per
+        (kind, site). Off the normal path: it only runs when something is wrong. `other`
+        is the thread this one took turns with (or overlapped)."""
         site = find_site(_getframe(1))
         label = "cross_thread" if kind == CROSS_THREAD else "concurrent"
         with ledger.lock:
@@ -289,20 +291,43 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
             if first and len(ledger.logged_once) < 10_000:
                 ledger.logged_once.add((label, site))
         if first:
-            holder, user = thread_name(hold.thread), thread_name(thread)
+            user, other_user, holder = thread_labels((thread, other, hold.thread), hold.users)
             borrowed_at, used_at = monitor.sites.name(hold.site), monitor.sites.name(site)
-            how = ("from another thread" if kind == CROSS_THREAD
-                   else "while another statement was still running")  # fmt: skip
+            how = ("again after thread %s had used it in between (two threads taking "
+                   "turns on one connection)" if kind == CROSS_THREAD
+                   else "while thread %s's statement was still running on it")  # fmt: skip
             misuse_log.warning(
-                "pool %r: connection checked out by thread %r at %s was used %s by thread "
-                "%r at %s (logged once per site)", monitor.name, holder, borrowed_at, how,
-                user, used_at,
-                extra={"pool": monitor.name, "misuse": label, "checkout_thread": holder,
-                       "use_thread": user, "checkout_site": borrowed_at, "use_site": used_at},
+                "pool %r: connection checked out at %s was used by thread %s at %s " + how
+                + " (logged once per site)", monitor.name, borrowed_at, user, used_at,
+                other_user,
+                extra={"pool": monitor.name, "misuse": label,
+                       "checkout_thread": holder,
+                       "use_thread": user, "other_thread": other_user,
+                       "checkout_site": borrowed_at, "use_site": used_at},
             )  # fmt: skip
 
+    def changed_hands(hold: Hold, thread: int) -> None:
+        """A statement from another thread than the hold's last user. Handing a connection
+        on is safe (FastAPI runs a sync dependency and a sync endpoint on different
+        threadpool threads, one after the other): counted, never reported. A thread coming
+        back to it after another used it in between is two threads taking turns on one
+        connection, whose transaction state neither controls: misuse (seed 000)."""
+        with lock:
+            previous = hold.user
+            users = hold.users
+            if users is None:  # named while alive: a thread may end before a warning
+                users = hold.users = {previous: thread_name(previous)}
+            interleaved = thread in users
+            users[thread] = current_thread().name
+            hold.user = thread
+            hold.shared = True  # from now on, statement bookkeeping is locked
+            if not interleaved:
+                ledger.counters.handoffs += 1
+        if interleaved:
+            misuse(hold, CROSS_THREAD, thread, previous)
+
     def statement_started(context: Any) -> Hold | None:
-        """Mark a hold as executing; detect cross-thread and overlapping use. Same-thread
+        """Mark a hold as executing; detect interleaved and overlapping use. Same-thread
         re-entry (a dialect whose executemany calls its own execute) is not overlap."""
         try:
             record = context._dbapi_connection._connection_record  # None once detached
@@ -310,16 +335,17 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
             if hold is None:
                 return None
             thread = _get_ident()
-            if thread != hold.thread:
-                hold.shared = True
-                misuse(hold, CROSS_THREAD, thread)
+            if thread != hold.user:
+                changed_hands(hold, thread)
             if hold.shared:  # two threads on one hold: keep the bookkeeping exact
                 with lock:
+                    other = hold.exec_thread
                     overlaps = begin_statement(hold, thread)
             else:
+                other = hold.exec_thread
                 overlaps = begin_statement(hold, thread)
             if overlaps:
-                misuse(hold, CONCURRENT, thread)
+                misuse(hold, CONCURRENT, thread, other)
             return hold
         except Exception as exc:
             swallow(monitor, "execute", exc)

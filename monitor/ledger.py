@@ -36,15 +36,17 @@ FOLD_LIMIT = 20_000
 class Hold:
     """One checkout: who borrowed the connection, where, and how it is being used."""
 
-    __slots__ = ("alerted", "counted", "depth", "end", "exec_thread", "fairy_ref", "open",
-                 "record", "shared", "site", "sql", "sql_t0", "start", "task_ref", "thread",
-                 "waited")  # fmt: skip
+    __slots__ = ("alerted", "counted", "depth", "end", "exec_thread", "fairy_ref",
+                 "open", "record", "shared", "site", "sql", "sql_t0", "start", "task_ref",
+                 "thread", "user", "users", "waited")  # fmt: skip
 
     def __init__(self, start: float, waited: float, thread: int, task: Any,
                  site: SiteKey | None, record: Any, fairy_ref: Any) -> None:  # fmt: skip
         self.start = start
         self.waited = waited
-        self.thread = thread
+        self.thread = thread  # the thread that checked it out
+        self.user = thread  # the thread that used it last
+        self.users: dict[int, str] | None = None  # every thread that used it, once shared
         # Weak: a task that leaks a connection and dies must stay collectable, so that
         # SQLAlchemy's return-on-GC still gives the slot back.
         self.task_ref = weakref.ref(task) if task is not None else None
@@ -62,7 +64,7 @@ class Hold:
         self.open = True
         self.counted = False  # its checkout is in the totals (folded while still out)
         self.alerted = False
-        self.shared = False  # set once used from another thread: from then on, locked
+        self.shared = False  # set once it changed hands: from then on, locked
 
     @property
     def task(self) -> Any:
@@ -71,7 +73,7 @@ class Hold:
 
 class Counters:
     __slots__ = ("cancelled_waits", "checkouts", "closes", "connect_errors", "connects",
-                 "detaches", "errors", "idle_in_use_time", "invalidations_hard",
+                 "detaches", "errors", "handoffs", "idle_in_use_time", "invalidations_hard",
                  "invalidations_soft", "otel_dropped", "sql_time", "timeouts",
                  "untracked_checkouts", "untracked_returns")  # fmt: skip
 

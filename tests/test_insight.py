@@ -9,7 +9,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -391,20 +391,113 @@ def test_session_shared_with_a_heartbeat_thread_is_detected(
     warnings = [r for r in caplog.records if r.name == "monitor.misuse"]
     concurrent_sites = {k for k, v in counter(pm, "sqlalchemy.pool.concurrent_uses").items() if v}
     if share_session:
-        assert {k for k, v in cross.items() if v} == {beat_line} and cross[beat_line] >= 3
+        # Two threads taking turns: reported where each comes back to the connection, the
+        # heartbeat's line and the worker's loop, never at the worker's first (solo) use.
+        loop_line = f"{THIS_FILE}:{_line_of('for _ in range(6)', _worker) + 1}:_worker"
+        assert {k for k, v in cross.items() if v} == {beat_line, loop_line}
+        assert cross[beat_line] >= 2
         # Once per site, not per statement; a beat may also overlap the worker's own
         # statement (the race seed 000 describes), which is its own warning.
-        assert len([w for w in warnings if w.misuse == "cross_thread"]) == 1
+        crossed = [w for w in warnings if w.misuse == "cross_thread"]
+        assert len(crossed) == 2
         assert len([w for w in warnings if w.misuse == "concurrent"]) == len(concurrent_sites)
-        warnings = [w for w in warnings if w.misuse == "cross_thread"]
-        assert warnings[0].use_thread == "heartbeat" and warnings[0].checkout_thread == (
-            "MainThread"
-        )
-        assert "'heartbeat'" in warnings[0].getMessage()
-        assert "'MainThread'" in warnings[0].getMessage()
+        by_user = {w.use_thread: w for w in crossed}
+        assert set(by_user) == {"'heartbeat'", "'MainThread'"}
+        beat = by_user["'heartbeat'"]
+        assert beat.other_thread == "'MainThread'" and beat.checkout_thread == "'MainThread'"
+        assert beat.use_site == beat_line
+        assert "two threads taking turns" in beat.getMessage()
     else:
         assert sum(cross.values()) == 0 and not concurrent_sites
         assert warnings == []
+    assert pm.snapshot()["internal"]["handoffs"] >= (1 if share_session else 0)
+
+
+def _in_turns(*steps: Callable[[], object], name: str = "AnyIO worker thread") -> None:
+    """Run each step on a thread of its own, one after the other, like a threadpool whose
+    workers stay alive (a finished thread's ident could be reused by the next)."""
+    turns = [threading.Event() for _ in steps]
+    done = threading.Event()
+
+    def worker(index: int) -> None:
+        assert turns[index].wait(10)
+        try:
+            steps[index]()
+        finally:
+            if index + 1 < len(steps):
+                turns[index + 1].set()
+            else:
+                done.set()
+            done.wait(10)
+
+    threads = [threading.Thread(target=worker, args=(i,), name=name) for i in range(len(steps))]
+    for thread in threads:
+        thread.start()
+    turns[0].set()
+    assert done.wait(10)
+    for thread in threads:
+        thread.join(10)
+
+
+def test_a_connection_handed_on_between_threads_is_not_misuse(
+    engines: Engines, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FastAPI's sync dependency + sync endpoint: one threadpool thread checks out, the
+    next runs the statements, a third returns it. Safe: counted as handoffs, not reported."""
+    engine = engines.sync(pool_size=2)
+    pm = monitor.instrument(engine, pool_name="api")
+    factory = sessionmaker(bind=engine)
+    session = factory()
+    session.execute(text("select 1"))  # checked out here, on the main thread
+
+    def endpoint() -> None:
+        for _ in range(3):
+            session.execute(text("select 2"))
+
+    def serializer() -> None:
+        session.execute(text("select 3"))  # e.g. a lazy load while rendering the response
+
+    with caplog.at_level(logging.WARNING, logger="monitor.misuse"):
+        _in_turns(endpoint, serializer, session.close)
+    assert [r for r in caplog.records if r.name == "monitor.misuse"] == []
+    assert sum(counter(pm, "sqlalchemy.pool.cross_thread_uses").values()) == 0
+    assert pm.snapshot()["internal"]["handoffs"] == 2
+    assert pm.snapshot()["holds"] == []
+
+
+def test_threads_taking_turns_are_named_by_ident_when_names_coincide(
+    engines: Engines, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = engines.sync(pool_size=2)
+    pm = monitor.instrument(engine, pool_name="api")
+    with engine.connect() as conn:
+        idents: list[int] = []
+
+        def use() -> None:
+            idents.append(threading.get_ident())
+            conn.exec_driver_sql("select 1")
+
+        with caplog.at_level(logging.WARNING, logger="monitor.misuse"):
+            # Handoffs main -> first -> second -> third worker: safe, counted.
+            _in_turns(use, use, use, name="worker")
+            assert len(set(idents)) == 3
+            conn.exec_driver_sql("select 1")  # the main thread comes back, too
+        conn.rollback()
+    warnings = [r for r in caplog.records if r.name == "monitor.misuse"]
+    assert [w.misuse for w in warnings] == ["cross_thread"]  # once per site
+    assert warnings[0].use_thread == "'MainThread'"
+    assert warnings[0].other_thread == "'worker'"
+    assert sum(counter(pm, "sqlalchemy.pool.cross_thread_uses").values()) == 1
+    assert pm.snapshot()["internal"]["handoffs"] == 3
+    # Names that coincide get their idents.
+    from monitor.naming import thread_labels
+
+    me = threading.get_ident()
+    assert thread_labels([me, me]) == ["'MainThread'"] * 2  # one thread, named once
+    assert thread_labels([me, 7], {7: "MainThread"}) == [
+        f"'MainThread' (ident {me})",
+        "'MainThread' (ident 7)",
+    ]
 
 
 def test_overlapping_statements_on_one_connection(engines: Engines) -> None:
@@ -422,9 +515,10 @@ def test_overlapping_statements_on_one_connection(engines: Engines) -> None:
     fn = test_overlapping_statements_on_one_connection
     site = f"{THIS_FILE}:{_line_of('# overlaps', fn)}:{fn.__name__}"
     assert {k: v for k, v in concurrent.items() if v} == {site: 1}
+    # The slow thread took the connection over (a handoff); the main thread coming back
+    # while it still ran is interleaved use too, at the same line.
     cross = counter(pm, "sqlalchemy.pool.cross_thread_uses")
-    slow_site = f"{THIS_FILE}:{_line_of('target=lambda', fn)}:<lambda>"
-    assert {k: v for k, v in cross.items() if v} == {slow_site: 1}
+    assert {k: v for k, v in cross.items() if v} == {site: 1}
 
 
 async def test_asyncio_tasks_on_one_loop_are_not_cross_thread(engines: Engines) -> None:

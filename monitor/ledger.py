@@ -190,6 +190,9 @@ class Ledger:
         popleft = closed.popleft
         use_bounds, use_counts = self.use_time.bounds, self.use_time.counts
         wait_bounds, wait_counts = self.wait_time.bounds, self.wait_time.counts
+        no_wait = wait_bounds[0]
+        last_site: Any = object()
+        totals: list[float] = []
         by_site = self.sites.by_site
         totals_for = self.sites.totals
         otel = self.otel_queues
@@ -199,12 +202,17 @@ class Ledger:
             for _ in range(len(closed)):  # only this (locked) reader pops: all are there
                 hold = popleft()
                 site = hold.site
-                totals = by_site.get(site)
-                if totals is None:
-                    totals = totals_for(site)
+                if site is not last_site:  # runs of one site are the rule, and `find`
+                    last_site = site  # returns one tuple per site: skip the hashing
+                    totals = by_site.get(site)
+                    if totals is None:
+                        totals = totals_for(site)
                 if not hold.counted:
                     waited = hold.waited
-                    wait_counts[bisect_left(wait_bounds, waited)] += 1
+                    if waited <= no_wait:  # the rule, unless the pool is saturated
+                        wait_counts[0] += 1
+                    else:
+                        wait_counts[bisect_left(wait_bounds, waited)] += 1
                     wait_sum += waited
                     checkouts += 1
                     totals[CHECKOUTS] += 1

@@ -134,7 +134,7 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
             try:
                 fairy = base_connect(pool)
             except BaseException as error:
-                checkout_failed(error, leave_wait)
+                checkout_failed(error)
                 raise
             try:  # noqa: SIM105 - contextlib.suppress costs a context manager per checkout
                 leave_wait()
@@ -159,7 +159,7 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
 
         return connect
 
-    def checkout_failed(error: BaseException, leave_wait: Callable[[], Any]) -> None:
+    def checkout_failed(error: BaseException) -> None:
         """A checkout failed: a pool timeout (no event sees it), a connect error (the dialect
         ran but no `connect` event followed), a cancelled wait, or a listener's error."""
         try:
@@ -259,10 +259,10 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
         try:
             with lock:  # against `replace`; a checkout's unlocked store only adds
                 hold = holds_get(rec)
-                ended = hold is not None and rec.fairy_ref is not hold.fairy_ref
-                if ended:
+                over = hold is not None and rec.fairy_ref is not hold.fairy_ref
+                if over:
                     holds_pop(rec, None)
-            if ended:
+            if over:
                 end(hold, _perf())
             ledger.count("detaches")
         except Exception as exc:

@@ -296,12 +296,14 @@ def instrument(engine: Any, pool_name: str | None = None, **settings: Any) -> Po
 
 
 def uninstrument(engine: Any) -> None:
-    """Remove every listener and restore the pool class. Its numbers stop being exported."""
+    """Remove every listener and patch, leaving pool and dialect as they were. Its numbers
+    stop being exported. Detaching under the registry lock keeps a concurrent
+    `instrument()` of the same engine from patching before we have unpatched."""
     sync = _sync_engine(engine)
     with _registry_lock:
         pm = _registry.pop(sync, None)
-    if pm is not None:
-        pm._detach()
+        if pm is not None:
+            pm._detach()
 
 
 def _unique_name(pool_name: str | None, engine: Engine) -> str:

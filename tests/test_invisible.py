@@ -180,6 +180,38 @@ def test_instrument_and_uninstrument_under_traffic_never_reach_the_application(
     assert pm.snapshot()["holds"] == []
 
 
+def test_concurrent_instrument_and_uninstrument_leave_a_consistent_engine(
+    engines: Engines,
+) -> None:
+    """Two threads toggling one engine: whoever instruments last gets a working monitor,
+    and an uninstrumented engine has nothing of ours left."""
+    engine = engines.sync(pool_size=2)
+    with engine.connect():
+        pass
+    before = _pool_state(engine)
+
+    def toggle() -> None:
+        for _ in range(300):
+            monitor.instrument(engine, pool_name="raced")
+            monitor.uninstrument(engine)
+
+    togglers = [threading.Thread(target=toggle) for _ in range(2)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: provoke the interleavings
+    try:
+        for thread in togglers:
+            thread.start()
+        for thread in togglers:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert _pool_state(engine) == before
+    pm = monitor.instrument(engine, pool_name="raced")
+    with engine.connect():
+        pass
+    assert counter(pm, "sqlalchemy.pool.checkouts") == 1
+
+
 def test_detach_does_not_end_the_next_holders_hold(engines: Engines) -> None:
     """SQLAlchemy returns the record to the queue before firing `detach`; a checkout
     that takes it in between must keep its hold."""

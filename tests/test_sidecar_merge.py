@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 
 from monitor.catalogue import SECONDS_BUCKETS
+from monitor.exporters import snapshot
 from monitor.sidecar import files
 from monitor.sidecar.aggregate import Aggregator, View
 
@@ -91,13 +94,22 @@ def doc(
     interval: float = 1.0,
     exited: bool = False,
     lock_waits: int = 0,
+    serving: bool = True,
+    process: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "version": 1,
-        "process": {"hostname": "h", "pid": pid, "start_time": 1.0, "argv0": "w"},
+        "process": {
+            "hostname": "h",
+            "pid": pid,
+            "start_time": 1.0,
+            "argv0": "w",
+            **(process or {}),
+        },
         "written_at": written_at,
         "interval": interval,
         "exited": exited,
+        "serving": serving,
         "writer": {"writes": 1, "errors": 0},
         "pools": pools,
         "locks": {
@@ -239,6 +251,67 @@ def test_every_worker_gone_reports_zero_use_and_keeps_counters(
     assert "db.client.connection.max" not in api["gauges"]
     assert api["counters"]["sqlalchemy.pool.checkouts"] == 4
     assert view.processes[0]["state"] == "exited"
+
+
+def test_standby_master_counts_but_adds_no_capacity(tmp_path: Path, agg: Aggregator) -> None:
+    """A preforking master (`"serving": false`) keeps its counters in the merge, but its
+    pool's max and idle connections are no capacity; an idle worker's are."""
+    put(tmp_path, 1, doc(1, [pool("api", 3, idle=1, size=5)], 1000, serving=False))
+    put(tmp_path, 2, doc(2, [pool("api", 10, used=1, idle=1, size=5, holds=1)], 1000))
+    put(tmp_path, 3, doc(3, [pool("api", 0, size=5)], 1000))  # up, never used yet
+    view = agg.scan()
+    api = by_pool(view)["api"]
+    assert api["gauges"]["db.client.connection.max"] == 10
+    assert api["gauges"]["db.client.connection.count"] == {"idle": 1, "used": 1}
+    assert api["counters"]["sqlalchemy.pool.checkouts"] == 13
+    assert api["processes"] == 2 and [h["process"]["pid"] for h in api["holds"]] == [2]
+    assert {p["pid"]: p["state"] for p in view.processes} == {1: "standby", 2: "live", 3: "live"}
+
+
+def _start_ticks(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    return stat[stat.rindex(")") + 2 :].split()[19]
+
+
+@pytest.mark.skipif(snapshot.pid_namespace() is None, reason="needs Linux /proc")
+def test_gone_process_in_our_pid_namespace_is_dead_at_once(tmp_path: Path, agg: Aggregator) -> None:
+    """Without waiting three intervals: a pid in our namespace that is free, a zombie or
+    another process (start ticks differ) is dead. A pid from another namespace (another
+    container: the same number is another process) or another machine is not judged."""
+    ns = snapshot.pid_namespace()
+    assert ns is not None
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ours = {"start_token": _start_ticks(child.pid), **ns}
+        put(tmp_path, child.pid, doc(child.pid, [pool("api", 4, used=1)], 1000, process=ours))
+        elsewhere = {**ours, "pid_ns": "pid:[1]"}
+        put(tmp_path, 7, doc(7, [pool("api", 1, used=1)], 1000, process=elsewhere))
+        reused = {**ours, "start_token": "1"}  # our own pid, but a process started at tick 1
+        put(tmp_path, os.getpid(), doc(os.getpid(), [pool("api", 2)], 1000, process=reused))
+        view = agg.scan()
+        states = {p["pid"]: p["state"] for p in view.processes}
+        assert states == {child.pid: "live", 7: "live", os.getpid(): "dead"}
+        child.kill()
+        wait_zombie = time.monotonic() + 10
+        while _state(child.pid) != "Z" and time.monotonic() < wait_zombie:
+            time.sleep(0.01)
+        view = agg.scan()  # not reaped yet: a zombie is gone too
+        assert {p["pid"]: p["state"] for p in view.processes}[child.pid] == "dead"
+        api = by_pool(view)["api"]
+        assert api["gauges"]["db.client.connection.count"]["used"] == 1  # pid 7's only
+        assert api["counters"]["sqlalchemy.pool.checkouts"] == 7
+    finally:
+        child.kill()
+        child.wait(10)
+    view = agg.scan()
+    assert {p["pid"]: p["state"] for p in view.processes}[child.pid] == "dead"
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    return stat[stat.rindex(")") + 2 :].split()[0]
 
 
 def test_paused_process_that_resumes_is_not_counted_twice(

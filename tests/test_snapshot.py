@@ -13,6 +13,7 @@ import glob
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -102,9 +103,11 @@ def test_document_and_file_name(tmp_path: Path, engine: sa.Engine) -> None:
         "pid": os.getpid(),
         "start_time": ident["start_time"],
         "argv0": ident["argv0"],
+        "start_token": ident["start_token"],
+        **(snapshot.pid_namespace() or {}),
     }
     assert time.time() - 24 * 3600 < doc["process"]["start_time"] <= time.time()
-    assert doc["interval"] == 0.05 and doc["exited"] is False
+    assert doc["interval"] == 0.05 and doc["exited"] is False and doc["serving"] is True
     assert doc["writer"]["errors"] == 0
     assert set(doc["locks"]) == {"app.lock.wait_time", "app.lock.hold_time"}
     pool = next(p for p in doc["pools"] if p["pool"] == "snap-doc")
@@ -343,3 +346,105 @@ def test_holds_are_capped_per_pool(
     pool = next(p for p in doc["pools"] if p["pool"] == "snap-cap")
     assert len(pool["holds"]) == 2 and pool["holds_dropped"] == 1
     assert pool["holds"][0]["age_s"] >= pool["holds"][1]["age_s"]
+
+
+def test_preforking_parent_is_standby_until_it_checks_out(tmp_path: Path) -> None:
+    """`gunicorn --preload`'s shape: instrument, then fork workers. The parent serves
+    nothing until it checks out again; a multiprocessing helper fork changes nothing."""
+    result = run_script(f"""
+        import json, multiprocessing, os, time
+        import sqlalchemy as sa
+        import monitor
+        from monitor.exporters import snapshot
+        engine = sa.create_engine("sqlite://")
+        monitor.instrument(engine, pool_name="p", snapshot_dir={str(tmp_path)!r},
+                           snapshot_interval=30)
+        def checkout():
+            with engine.connect() as c:
+                c.execute(sa.text("SELECT 1"))
+        checkout()  # e.g. a warm-up query at import
+        serving = [snapshot.process_snapshot(30)["serving"]]
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if snapshot.process_snapshot(30)["serving"] else 1)  # a worker
+        _, status = os.waitpid(pid, 0)
+        serving.append(snapshot.process_snapshot(30)["serving"])
+        serving.append(snapshot.process_snapshot(30)["serving"])  # still: nothing done
+        checkout()
+        serving.append(snapshot.process_snapshot(30)["serving"])
+        child = multiprocessing.get_context("fork").Process(target=checkout)
+        child.start(); child.join()
+        serving.append(snapshot.process_snapshot(30)["serving"])
+        print(json.dumps({{"serving": serving, "child_serving": status == 0}}))
+    """)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out == {"serving": [True, False, False, True, True], "child_serving": True}
+
+
+def _stopped_by(
+    tmp_path: Path, sig: signal.Signals, handler: str, instrumented: bool
+) -> tuple[int, str, list[dict[str, Any]]]:
+    """Run a plain python process that does 3 checkouts, send it `sig`, and return its
+    exit status, its output and the documents it left."""
+    snapdir = tmp_path / ("instrumented" if instrumented else "bare")
+    snapdir.mkdir()
+    code = textwrap.dedent(f"""
+        import signal, sys, time
+        import sqlalchemy as sa
+        import monitor
+        def own(signum, frame):
+            print("own handler", signal.Signals(signum).name, flush=True)
+            sys.exit(3)
+        if {handler!r} == "before":
+            signal.signal({int(sig)}, own)
+        engine = sa.create_engine("sqlite://")
+        settings = dict(snapshot_dir={str(snapdir)!r}, snapshot_interval=30)
+        monitor.instrument(engine, pool_name="p", **(settings if {instrumented} else {{}}))
+        if {handler!r} == "after":
+            signal.signal({int(sig)}, own)
+        for _ in range(3):
+            with engine.connect() as c:
+                c.execute(sa.text("SELECT 1"))
+        print("ready", flush=True)
+        time.sleep(30)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("POOL_MONITOR_SNAPSHOT_DIR", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode, out, _docs(snapdir)
+
+
+@pytest.mark.parametrize(
+    ("sig", "handler"),
+    [
+        (signal.SIGTERM, "none"),  # SIG_DFL: atexit never runs
+        (signal.SIGINT, "none"),  # KeyboardInterrupt
+        (signal.SIGTERM, "before"),  # the application's handler, installed first
+        (signal.SIGTERM, "after"),  # … or after instrument()
+    ],
+    ids=["sigterm", "sigint", "own-handler-before", "own-handler-after"],
+)
+def test_plain_process_stopped_by_a_signal_writes_its_exit_document(
+    tmp_path: Path, sig: signal.Signals, handler: str
+) -> None:
+    """The process ends exactly as it does without pool-monitor (same status, the
+    application's own handler runs), and leaves its exit document."""
+    bare = _stopped_by(tmp_path, sig, handler, instrumented=False)
+    status, out, docs = _stopped_by(tmp_path, sig, handler, instrumented=True)
+    assert (status, out) == bare[:2]
+    assert status == (3 if handler != "none" else -sig)
+    [doc] = docs
+    assert doc["exited"] is True
+    assert doc["pools"][0]["counters"]["sqlalchemy.pool.checkouts"] == 3

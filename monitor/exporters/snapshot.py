@@ -5,7 +5,11 @@ carry live holds, its "live" gauges only drop pids someone marks dead, its files
 with worker churn, and pids collide across containers sharing a volume. Here every process
 writes one versioned JSON document, named by hostname + pid + process start time (so a
 pid reused by another container, or by a later process, gets another name), every
-`snapshot_interval` seconds and once more at exit (marked `"exited": true`).
+`snapshot_interval` seconds and once more at exit (marked `"exited": true`), including an
+exit by SIGTERM/SIGINT, where atexit does not run (`monitor.exporters.signals`). The
+document also says whether the process serves (`"serving"`: false for a preforking master,
+see `_serving`) and, on Linux, its pid namespace and start ticks, with which a sidecar in
+the same namespace sees a killed process go at once.
 
 Rules this module keeps:
 
@@ -40,6 +44,8 @@ import time
 import weakref
 from typing import Any
 
+from monitor.exporters import signals
+
 SNAPSHOT_VERSION = 1
 PREFIX = "pool-monitor-"
 SUFFIX = ".json"
@@ -60,6 +66,10 @@ _identity: dict[str, Any] | None = None
 _serials: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 _serial_counter = itertools.count(1)
 _write_errors = 0
+# Set by a fork in this process (as the parent): the next document takes each monitor's
+# checkout count as the baseline, and this process is "not serving" until one grows.
+_forked = False
+_fork_baseline: dict[Any, float] | None = None
 
 
 def write_errors() -> int:
@@ -76,7 +86,8 @@ def _proc_start() -> tuple[float, str]:
     """(start time as unix time, a token unique to this process among its pid's users).
 
     On Linux the kernel's start time in clock ticks since boot: exact, and stable for the
-    process's whole life. Elsewhere the time this module first asked, per pid."""
+    process's whole life. Elsewhere the time this module first asked, per pid, as
+    `t<milliseconds>` (never mistaken for ticks by a reader comparing with /proc)."""
     try:
         with open("/proc/self/stat", "rb") as f:
             stat = f.read().decode()
@@ -86,11 +97,27 @@ def _proc_start() -> tuple[float, str]:
         return btime + ticks / os.sysconf("SC_CLK_TCK"), str(ticks)
     except (OSError, ValueError, IndexError, StopIteration):
         now = time.time()
-        return now, str(int(now * 1000))
+        return now, f"t{int(now * 1000)}"
+
+
+def pid_namespace() -> dict[str, str] | None:
+    """Which pid namespace this process's pids belong to: the kernel's boot id (one per
+    machine and boot) and the namespace's inode. Two processes that report the same pair
+    see each other's pids; None where /proc does not say (not Linux)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return {"boot_id": boot, "pid_ns": os.readlink("/proc/self/ns/pid")}
+    except OSError:
+        return None
 
 
 def identity() -> dict[str, Any]:
-    """This process: hostname, pid, start time and argv[0] (recomputed after a fork)."""
+    """This process: hostname, pid, start time and argv[0] (recomputed after a fork).
+
+    With the start token (clock ticks since boot, from /proc) and the pid namespace, a
+    reader in the same namespace can tell that this very process is gone, not merely
+    quiet (`monitor.sidecar.aggregate`), even after its pid was reused."""
     global _identity
     pid = os.getpid()
     if _identity is None or _identity["pid"] != pid:
@@ -102,7 +129,13 @@ def identity() -> dict[str, Any]:
             "argv0": os.path.basename(sys.argv[0]) if sys.argv else "",
             "start_token": token,
         }
+        if token.isdigit():  # the kernel's ticks (a fallback token starts with "t")
+            _identity.update(pid_namespace() or {})
     return _identity
+
+
+#: The identity fields a document carries (`start_token` and the namespace only on Linux).
+_PROCESS_FIELDS = ("hostname", "pid", "start_time", "argv0", "start_token", "boot_id", "pid_ns")
 
 
 def file_name(ident: dict[str, Any]) -> str:
@@ -133,6 +166,31 @@ def _pool_snapshot(pm: Any) -> dict[str, Any]:
     return snap
 
 
+def _serving(pools: list[dict[str, Any]]) -> bool:
+    """Whether this process serves with its pools, or is a preforking master.
+
+    `gunicorn --preload` imports the application, so the engine is instrumented, in the
+    master, which then forks the workers and never checks out a connection itself; its
+    pool's `max` and idle connections are no capacity of the service. A process is taken
+    for such a master from the moment it forks (`os.fork()` other than multiprocessing's)
+    until it checks out a connection again. Everything else, including a worker that is
+    up and idle, serves."""
+    global _forked, _fork_baseline
+    if _forked:
+        _forked = False
+        _fork_baseline = {
+            p["monitor_id"]: p["counters"]["sqlalchemy.pool.checkouts"] for p in pools
+        }
+    if _fork_baseline is None:
+        return True
+    for p in pools:
+        grew = p["counters"]["sqlalchemy.pool.checkouts"] > _fork_baseline.get(p["monitor_id"], 0)
+        if grew or p["holds"]:
+            _fork_baseline = None
+            return True
+    return False
+
+
 def process_snapshot(
     interval: float, exited: bool = False, writer: dict[str, int] | None = None
 ) -> dict[str, Any]:
@@ -141,14 +199,16 @@ def process_snapshot(
     from monitor.locks import lock_snapshot
 
     ident = identity()
+    pools = [_pool_snapshot(pm) for pm in monitors()]
     return {
         "version": SNAPSHOT_VERSION,
-        "process": {k: ident[k] for k in ("hostname", "pid", "start_time", "argv0")},
+        "process": {k: ident[k] for k in _PROCESS_FIELDS if k in ident},
         "written_at": time.time(),
         "interval": interval,
         "exited": exited,
+        "serving": _serving(pools),
         "writer": writer or {"writes": 0, "errors": _write_errors},
-        "pools": [_pool_snapshot(pm) for pm in monitors()],
+        "pools": pools,
         "locks": lock_snapshot(),
     }
 
@@ -166,8 +226,12 @@ class SnapshotWriter:
         self._failing = False
         self._write_lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._final_requested = False
+        self._final_done = threading.Event()
         self._pid = os.getpid()
         self._next_prune = 0.0
+        self._uvicorn_patched = False
         self._thread = threading.Thread(target=self._run, name="pool-monitor-snapshot", daemon=True)
 
     @property
@@ -182,16 +246,46 @@ class SnapshotWriter:
 
     def _run(self) -> None:
         while True:
+            if self._final_requested:
+                self.write(exited=True)
+                self._final_done.set()
+                return
+            if self._stop.is_set():
+                return
             self.write()
             self.prune()
-            if self._stop.wait(self.interval):
-                return
+            if not self._uvicorn_patched:  # uvicorn may be imported after instrument()
+                self._uvicorn_patched = signals.patch_uvicorn()
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def wake(self) -> None:
+        """Write now rather than at the end of the interval."""
+        self._wake.set()
 
     def stop(self, timeout: float = 0.0) -> None:
         """Stop the thread; with `timeout`, wait that long for a write in progress."""
         self._stop.set()
+        self._wake.set()
         if timeout and self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+
+    def request_final(self) -> bool:
+        """Ask the writer thread for the exit document; False if it cannot write it (not
+        running in this process, or it is the caller), and the caller must."""
+        if not self.alive() or self._thread is threading.current_thread():
+            return False
+        self._final_requested = True
+        self._wake.set()
+        return True
+
+    def finish(self, requested: bool, timeout: float) -> bool:
+        """Wait up to `timeout` s for the exit document `request_final()` asked for, or
+        write it on this thread if it could not ask. True if it was written."""
+        if requested:
+            return self._final_done.wait(timeout) and self.final_written
+        self._stop.set()
+        return self.write(exited=True, timeout=timeout)
 
     def write(self, exited: bool = False, timeout: float = -1) -> bool:
         """Write the snapshot now; True if it reached the directory. Never raises."""
@@ -303,45 +397,73 @@ def ensure_writer(directory: str, interval: float) -> None:
             writer = SnapshotWriter(directory, _configured[directory])
             _writers[directory] = writer
             writer.start()
+        signals.install()
     except Exception as exc:  # pragma: no cover - defensive: never break instrument()
         _count_error()
         log.warning("pool-monitor snapshot writer did not start for %r: %s", directory, exc)
 
 
 def writers() -> list[SnapshotWriter]:
-    """This process's writers (for tests and diagnostics)."""
-    with _lock:
-        return [w for w in _writers.values() if w._pid == os.getpid()]
+    """This process's writers (for tests and diagnostics).
+
+    Without `_lock`: a signal handler calls this on a thread that may have been
+    interrupted while holding it; copying the dict's values is atomic under the GIL."""
+    pid = os.getpid()
+    return [w for w in list(_writers.values()) if w._pid == pid]
 
 
 def write_final(timeout: float = 2.0) -> None:
     """Write every directory's last document, marked exited, and stop the writers.
 
-    Runs at interpreter exit (atexit) and at multiprocessing's child exit; it waits at
-    most `timeout` s per directory for a write in progress (a hung volume must not hang
-    the application's shutdown)."""
-    for writer in writers():
-        writer.stop()
-        writer.write(exited=True, timeout=timeout)
+    Runs at interpreter exit (atexit), at multiprocessing's child exit and from the exit
+    signal handlers (`monitor.exporters.signals`). Each writer thread writes its own
+    document, all at once, while the caller waits at most `timeout` s in all: the caller
+    may hold a lock the snapshot needs (interrupted by a signal), and a hung volume must
+    not hang the application's shutdown either."""
+    deadline = time.monotonic() + timeout
+    pending = [(writer, writer.request_final()) for writer in writers()]
+    for writer, requested in pending:
+        writer.finish(requested, max(0.0, deadline - time.monotonic()))
 
 
 def stop_all() -> None:
     """Stop every writer without a final document and forget them (tests)."""
+    global _forked, _fork_baseline
     with _lock:
         for writer in _writers.values():
             writer.stop()
         _writers.clear()
         _configured.clear()
+        _forked, _fork_baseline = False, None
+    signals.uninstall()
 
 
 def _after_fork_in_child() -> None:
     """A forked child is a new process: its own file, its own writer threads."""
-    global _lock, _identity
+    global _lock, _identity, _forked, _fork_baseline
     _lock = threading.Lock()
     _identity = None
+    _forked, _fork_baseline = False, None
     _writers.clear()
     for directory, interval in list(_configured.items()):
         ensure_writer(directory, interval)
+
+
+def _after_fork_in_parent() -> None:
+    """This process forked: a preforking server's master, unless multiprocessing forked a
+    helper (the parent goes on serving). The writers say so at once (`_serving`)."""
+    global _forked
+    if not _writers:
+        return
+    try:
+        caller = sys._getframe(1).f_globals.get("__name__", "")  # who called os.fork()
+    except ValueError:  # forked from C, no Python caller
+        caller = ""
+    if str(caller).startswith(("multiprocessing.", "concurrent.")):
+        return
+    _forked = True
+    for writer in writers():
+        writer.wake()
 
 
 class _Anchor:
@@ -366,4 +488,4 @@ with contextlib.suppress(ImportError, AttributeError):
     _mp_util.register_after_fork(_ANCHOR, _mp_child_started)
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(after_in_child=_after_fork_in_child, after_in_parent=_after_fork_in_parent)

@@ -18,6 +18,18 @@ rewritten for a minute; this class only has to forget them in memory, in two ste
    file name is remembered only while the file still exists, so an unchanged stale file
    is neither re-read nor counted twice.
 
+Two refinements of "live", both about what a pod can actually serve with:
+
+- A process is found *dead* at once, without waiting for its document to go stale, when
+  it shares this sidecar's pid namespace (same boot id and namespace in its document:
+  `shareProcessNamespace: true`, or one host) and its pid is gone, a zombie, or now
+  another process (start ticks differ). Pids are only compared within one namespace:
+  across containers the same pid is a different process.
+- A live process whose document says `"serving": false` — a preforking master such as
+  `gunicorn --preload`'s, which instruments the engine and forks the workers but checks
+  out nothing itself — is *standby*: its counters count, its gauges (`max`, idle) do not,
+  or the pod would show one more pool's capacity than it has.
+
 Series are per monitor (`monitor_id` in the file): when a live process uninstruments an
 engine, or instruments it again (counters back at zero), the old series' last values are
 compacted too. Within a series counters are held at their high-water mark (see
@@ -33,12 +45,57 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from monitor.exporters import snapshot
 from monitor.sidecar import files, merge
 
 log = logging.getLogger("monitor.sidecar.aggregate")
 
 #: A process is live while its document is younger than this many of its intervals.
 FRESH_INTERVALS = 3.0
+
+_own_namespace: dict[str, str] | None = snapshot.pid_namespace()
+
+
+def process_gone(process: dict[str, Any]) -> bool:
+    """True only when this reader is sure the document's process no longer runs: it is in
+    our pid namespace (`snapshot.pid_namespace()`), and its pid is free, a zombie, or a
+    later process. Anything it cannot tell (another namespace, no /proc, no start ticks
+    in the document, a permission error) is False: staleness decides then."""
+    ns = _own_namespace
+    token = process.get("start_token")
+    if (
+        ns is None
+        or process.get("boot_id") != ns["boot_id"]
+        or process.get("pid_ns") != ns["pid_ns"]
+        or not isinstance(token, str)
+        or not token.isdigit()
+    ):
+        return False
+    pid = process["pid"]
+    if pid <= 0:  # kill(0 or -n, 0) would ask about a process group
+        return False
+    if not _pid_exists(pid):
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode()
+        fields = stat[stat.rindex(")") + 2 :].split()
+    except OSError:  # exited since, or hidden from us (mounted with hidepid)
+        return not _pid_exists(pid)
+    except (ValueError, IndexError):
+        return False
+    return fields[0] in ("Z", "X") or fields[19] != token  # zombie/dead, or pid reused
+
+
+def _pid_exists(pid: int) -> bool:
+    """kill(pid, 0): unlike /proc, not hidden by `hidepid`; True when unsure."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by another user
+        pass
+    return True
 
 
 @dataclass
@@ -88,6 +145,7 @@ class Aggregator:
     max_bytes: int = files.MAX_BYTES
     retain_dead_s: float = 600.0
     clock: Callable[[], float] = time.time
+    gone: Callable[[dict[str, Any]], bool] = process_gone
     procs: dict[str, Process] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(files.REASONS, 0))
     _compacted: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -147,7 +205,7 @@ class Aggregator:
             else:
                 merge.high_water(old_pool, new_pool)
         proc.doc = doc
-        if not proc.live:
+        if not proc.live and not doc.get("exited"):  # (a last word after its pid went: no)
             log.info("process of %s is writing again", name)
             proc.live, proc.dead_since = True, None
 
@@ -193,7 +251,9 @@ class Aggregator:
                 del self._forgotten[name]
         for proc in list(self.procs.values()):
             if proc.live and (
-                proc.stale(now) or (self._dir_error is None and proc.name not in seen)
+                proc.stale(now)
+                or (self._dir_error is None and proc.name not in seen)
+                or self.gone(proc.doc["process"])
             ):
                 proc.live, proc.dead_since = False, now
             if not proc.live and now - (proc.dead_since or now) > self.retain_dead_s:
@@ -230,7 +290,7 @@ class Aggregator:
             for pool in doc["pools"]:
                 acc = pool_acc(pool["pool"])
                 merge.add_totals(acc, pool)
-                if proc.live:
+                if proc.live and doc.get("serving", True):
                     acc["processes"] += 1
                     acc["pool_class"] = pool.get("pool_class")
                     merge.add_gauges(acc["gauges"], pool.get("gauges", {}))
@@ -288,7 +348,10 @@ def _holds(
 def _process_summary(proc: Process, now: float) -> dict[str, Any]:
     doc = proc.doc
     process = doc["process"]
-    state = "live" if proc.live else ("exited" if doc.get("exited") else "dead")
+    if proc.live:
+        state = "live" if doc.get("serving", True) else "standby"
+    else:
+        state = "exited" if doc.get("exited") else "dead"
     return {
         "file": proc.name,
         "hostname": process.get("hostname"),

@@ -123,7 +123,7 @@ class HealthCollector(Collector):
             "Worker processes known from snapshot files, by state.",
             labels=["state"],
         )
-        states = {"live": 0, "dead": 0, "exited": 0}
+        states = {"live": 0, "standby": 0, "dead": 0, "exited": 0}
         write_errors = 0
         for proc in view.processes:
             states[proc["state"]] = states.get(proc["state"], 0) + 1

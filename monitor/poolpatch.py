@@ -33,11 +33,36 @@ PATCHED = ("connect", "_return_conn", "recreate")
 
 def _base(pool: Any, name: str) -> Callable[..., Any]:
     """What the wrapper calls with the pool as first argument: the class's function, or
-    an instance attribute someone set before us (called without the pool)."""
+    an instance attribute someone set before us (called without the pool). Where the
+    class's method is SQLAlchemy's own one-line delegation (`Pool.connect` is
+    `_ConnectionFairy._checkout(self)`, `Pool._return_conn` is
+    `self._do_return_conn(record)`), the wrapper calls the delegate itself: one Python
+    frame fewer on every checkout and every return, with the same effect."""
     own = pool.__dict__.get(name)
     if own is not None:
         return lambda _pool, *args: own(*args)
-    return getattr(type(pool), name)
+    function = getattr(type(pool), name)
+    delegate = _DELEGATES.get((name, function))
+    if delegate is not None and delegate[0] not in pool.__dict__:
+        return getattr(type(pool), delegate[0]) if delegate[0] else delegate[1]
+    return function
+
+
+def _one_line_delegations() -> dict[tuple[str, Any], tuple[str, Any]]:
+    """SQLAlchemy's base `Pool` methods that only delegate, checked by the names their
+    code uses (a SQLAlchemy that adds anything to them is simply not short-cut)."""
+    from sqlalchemy.pool import Pool
+    from sqlalchemy.pool.base import _ConnectionFairy
+
+    found: dict[tuple[str, Any], tuple[str, Any]] = {}
+    if Pool.connect.__code__.co_names == ("_ConnectionFairy", "_checkout"):
+        found[("connect", Pool.connect)] = ("", _ConnectionFairy._checkout)
+    if Pool._return_conn.__code__.co_names == ("_do_return_conn",):
+        found[("_return_conn", Pool._return_conn)] = ("_do_return_conn", None)
+    return found
+
+
+_DELEGATES = _one_line_delegations()
 
 
 def patch(pool: Any, monitor: PoolMonitor) -> None:

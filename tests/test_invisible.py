@@ -307,3 +307,34 @@ def test_listener_swap_is_atomic_for_a_firing_thread() -> None:
     assert list(engine.pool.dispatch.connect) == own
     assert not poolpatch.is_patched(engine.pool)
     engine.dispose()
+
+
+def test_one_line_delegations_are_short_cut_and_overrides_are_kept() -> None:
+    """`Pool.connect` and `Pool._return_conn` only delegate: the wrappers call the delegate
+    (one frame fewer). A pool class that overrides them keeps its own method."""
+    from sqlalchemy.pool.base import _ConnectionFairy
+
+    calls: list[str] = []
+
+    class Audited(QueuePool):
+        def _return_conn(self, record: Any) -> None:
+            calls.append("returned")
+            super()._return_conn(record)
+
+    plain = sa.create_engine("sqlite://", poolclass=QueuePool)
+    single = sa.create_engine("sqlite://", poolclass=SingletonThreadPool)
+    audited = sa.create_engine("sqlite://", poolclass=Audited)
+    assert poolpatch._base(plain.pool, "connect") == _ConnectionFairy._checkout
+    assert poolpatch._base(plain.pool, "_return_conn") is QueuePool._do_return_conn
+    assert poolpatch._base(single.pool, "connect") is SingletonThreadPool.connect
+    assert poolpatch._base(audited.pool, "_return_conn") is Audited._return_conn
+    pm = monitor.instrument(audited, pool_name="audited")
+    try:
+        with audited.connect():
+            pass
+        assert calls == ["returned"]
+        assert hist(pm, "use_time")["count"] == 1
+    finally:
+        monitor.uninstrument(audited)
+        for engine in (plain, single, audited):
+            engine.dispose()

@@ -6,6 +6,12 @@ from the worker snapshots; the server side (state, transaction age, wait event, 
 blocks it) from the cached PostgreSQL poll, joined on the backend pid. `blocked_by`
 names the blocking backends and, when one of our workers holds that backend, the hold —
 so "the checkout at orders.py:88 is blocked by the one at payments.py:40" is one row.
+
+A server row is attached to a hold only when it describes that hold (`join`): sampled
+after the hold began, no older than `MAX_SAMPLE_AGE_S`, and neither its transaction nor
+its last state change older than the hold. Otherwise the server fields are null and
+`server_unknown` says why: a poll from before the checkout, or a transaction of the
+previous holder of the same backend, would otherwise be shown as this hold's.
 """
 
 from __future__ import annotations
@@ -15,6 +21,28 @@ from typing import Any
 
 from monitor.sidecar.aggregate import View
 from monitor.sidecar.postgres import Backend, PgView
+
+#: /api/checkouts never shows a server row older than this (sidecar clock, from the start
+#: of the poll that read it; `PostgresCollector.refresh` keeps the view younger).
+MAX_SAMPLE_AGE_S = 0.5
+#: Allowed disagreement between the workers' wall clock (a hold's `started_at`) and the
+#: server's (`now()`, `xact_start`, `state_change`), e.g. NTP-synced hosts. A row is
+#: refused only when it is *more* than this before the hold, so skew up to it cannot hide
+#: a real row, and a row sampled up to this long before the checkout could be attached
+#: only if it also has no transaction or state change from before the hold.
+CLOCK_TOLERANCE_S = 0.05
+
+#: `server_unknown` reasons (stable strings: the page shows them, alerts may match them)
+NO_PID = "no backend pid recorded for this hold"
+NOT_CONFIGURED = "PostgreSQL not configured"
+DOWN = "PostgreSQL unreachable"
+NOT_POLLED = "PostgreSQL not polled yet"
+TOO_OLD = "server sample older than 0.5 s"
+SAMPLED_BEFORE = "row sampled before this hold began"
+NO_ROW = "no pg_stat_activity row for this backend pid"
+HIDDEN = "session state hidden (grant pg_monitor)"
+OLDER_XACT = "transaction began before this hold (a previous holder's)"
+OLDER_STATE = "backend unchanged since before this hold (no statement yet)"
 
 
 def _gauges(pool: dict[str, Any]) -> dict[str, Any]:
@@ -91,16 +119,77 @@ def _hold_ref(hold: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _hold_start(hold: dict[str, Any], scanned_at: float) -> float:
+    """The hold's start, wall clock: `started_at` from the worker, else from its age."""
+    started = hold.get("started_at")
+    if isinstance(started, (int, float)):
+        return float(started)
+    return scanned_at - float(hold.get("age_s") or 0.0)
+
+
+def newest_start(view: View) -> float | None:
+    """When the newest hold with a backend pid began: a poll started after it has a row
+    for every hold (`PostgresCollector.refresh(since=...)`)."""
+    starts = [
+        _hold_start(h, view.scanned_at) for h in view.holds if isinstance(h.get("backend_pid"), int)
+    ]
+    return max(starts, default=None)
+
+
+def join(
+    server: Backend | None,
+    pg: PgView,
+    started: float,
+    now: float,
+    tolerance: float = CLOCK_TOLERANCE_S,
+    max_age: float = MAX_SAMPLE_AGE_S,
+) -> str | None:
+    """None when `server` (the row for the hold's backend pid) describes the hold that
+    began at `started`; else why not, one of the reasons above.
+
+    The tests, on the server's clock against the hold's start (less `tolerance`):
+    sampled at or after it (else the row may be the previous holder's, or an idle
+    backend the hold has since used); `xact_start`, if a transaction is open, not before
+    it (that transaction belongs to whoever held the connection before); `state_change`
+    not before it (nothing happened since the checkout: the state is the previous
+    holder's, e.g. `idle` while this hold has not yet begun its transaction)."""
+    if not pg.configured:
+        return NOT_CONFIGURED
+    if pg.poll_started_at is None:
+        return NOT_POLLED
+    if not pg.up:
+        return DOWN
+    if pg.sampled_at is None or now - pg.poll_started_at > max_age:
+        return TOO_OLD
+    earliest = started - tolerance
+    if pg.sampled_at < earliest:
+        return SAMPLED_BEFORE
+    if server is None:
+        return NO_ROW
+    if server.state_change is None:
+        return HIDDEN
+    if server.xact_start is not None and server.xact_start < earliest:
+        return OLDER_XACT
+    if server.state_change < earliest:
+        return OLDER_STATE
+    return None
+
+
 def _blocker(
-    pid: int, pg: PgView, by_pid: dict[int, list[dict[str, Any]]], now: float
+    pid: int, pg: PgView, by_pid: dict[int, list[dict[str, Any]]], now: float, scanned_at: float
 ) -> dict[str, Any]:
+    """A blocking backend, and only those holds on it that its row describes."""
     server: Backend | None = pg.backends.get(pid)
     return {
         "pid": pid,
         "application_name": server.application_name if server else None,
         "server_state": server.state if server else None,
         "server_xact_age_s": _aged(server.xact_age_s, pg.polled_at, now) if server else None,
-        "holds": [_hold_ref(h) for h in by_pid.get(pid, [])],
+        "holds": [
+            _hold_ref(h)
+            for h in by_pid.get(pid, [])
+            if join(server, pg, _hold_start(h, scanned_at), now, max_age=float("inf")) is None
+        ],
     }
 
 
@@ -109,12 +198,21 @@ def _aged(value: float | None, since: float | None, now: float) -> float | None:
 
 
 def checkouts(
-    view: View, pg: PgView, show_query_text: bool = False, now: float | None = None
+    view: View,
+    pg: PgView,
+    show_query_text: bool = False,
+    now: float | None = None,
+    max_sample_age: float = MAX_SAMPLE_AGE_S,
 ) -> list[dict[str, Any]]:
     """`/api/checkouts`: one object per live hold, oldest first.
 
     Ages are as of `now` (the request), not as of the last scan or poll, so the
-    application's and the server's ages of one connection compare directly."""
+    application's and the server's ages of one connection compare directly. Server
+    ages are aged from the end of the poll, so they can only be understated (by the
+    poll's duration), never make a transaction look older than its hold. The server
+    fields are null, and `server_unknown` says why, unless `join` accepts the row;
+    `server_as_of` is the server's `now()` for the sample, `server_sample_age_s` its
+    age at `now` (from the start of the poll)."""
     now = time.time() if now is None else now
     holds = sorted(
         ({**h, "age_s": _hold_age(h, view.scanned_at, now)} for h in view.holds),
@@ -128,7 +226,13 @@ def checkouts(
     out = []
     for hold in holds:
         pid = hold.get("backend_pid")
-        server = pg.backends.get(pid) if pg.up and isinstance(pid, int) else None
+        candidate = pg.backends.get(pid) if isinstance(pid, int) else None
+        unknown = (
+            join(candidate, pg, _hold_start(hold, view.scanned_at), now, max_age=max_sample_age)
+            if isinstance(pid, int)
+            else NO_PID
+        )
+        server = candidate if unknown is None else None
         row = {
             "pool": hold["pool"],
             "age_s": hold["age_s"],
@@ -142,9 +246,14 @@ def checkouts(
             "wait_event_type": server.wait_event_type if server else None,
             "application_name": server.application_name if server else None,
             "lock_wait_s": _aged(server.lock_wait_s, pg.polled_at, now) if server else None,
-            "blocked_by": [_blocker(b, pg, by_pid, now) for b in server.blocked_by]
+            "blocked_by": [_blocker(b, pg, by_pid, now, view.scanned_at) for b in server.blocked_by]
             if server
             else [],
+            "server_unknown": unknown,
+            "server_as_of": pg.sampled_at if pg.up else None,
+            "server_sample_age_s": max(0.0, now - pg.poll_started_at)
+            if pg.up and pg.poll_started_at is not None
+            else None,
             "executing": hold.get("executing"),
             "sql_time_s": hold.get("sql_time_s"),
             "long_held": hold.get("long_held"),

@@ -1,7 +1,10 @@
 """The sidecar's HTTP surface (Starlette): metrics, health, JSON API, live page.
 
 Handlers only read the latest scan and poll results (see `runtime`), so every request is
-cheap and none touches the disk or the database.
+cheap and none touches the disk or the database. The one exception is `/api/checkouts`,
+which may wait (at most `postgres.REFRESH_WAIT_S`, in a worker thread) for the polling
+thread to refresh a view older than `postgres.FRESH_S`: rate-limited and shared by all
+requests, see `PostgresCollector.refresh`. `/metrics` never waits and never polls.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -119,9 +123,12 @@ def create_app(sidecar: Sidecar, manage: bool = True) -> Starlette:
         return refused(request, False) or json_response(api.pools(sidecar.view, sidecar.pg.view))
 
     async def checkouts(request: Request) -> Response:
-        return refused(request, False) or json_response(
-            api.checkouts(sidecar.view, sidecar.pg.view, sidecar.config.show_query_text)
-        )
+        refusal = refused(request, False)
+        if refusal is not None:
+            return refusal
+        view = sidecar.view
+        pg = await run_in_threadpool(sidecar.pg.refresh, since=api.newest_start(view))
+        return json_response(api.checkouts(view, pg, sidecar.config.show_query_text))
 
     async def metrics(request: Request) -> Response:
         return Response(sidecar.registries.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -4,7 +4,14 @@ What the pool metrics cannot see: a connection the application holds "idle in
 transaction" (it keeps locks and snapshot while the code calls an external API), how old
 each open transaction is, and who blocks whom. One autocommit connection (application
 name `pool-monitor-sidecar`) reads `pg_stat_activity` every `interval` seconds; the result
-is cached, so scrapes and page refreshes never reach the database.
+is cached, so /metrics scrapes never reach the database. `/api/checkouts` (and the live
+page) asks `refresh()` for a view at most `FRESH_S` old: one poll on demand, shared by
+every concurrent request and started at most once per `MIN_REFRESH_S` (see `refresh`).
+
+Every row carries the server's own clock: `sampled_at` (`now()` of the very statement that
+read `pg_stat_activity`, so the row describes the backend at or after that moment),
+`xact_start` and `state_change` as epoch seconds. The API uses them to attach a row only
+to the hold it describes (`api.checkouts`).
 
 Cheap and safe by construction:
 
@@ -54,6 +61,9 @@ SELECT pid,
        wait_event,
        extract(epoch FROM now() - xact_start)::float8 AS xact_age,
        extract(epoch FROM now() - state_change)::float8 AS state_age,
+       extract(epoch FROM xact_start)::float8 AS xact_start,
+       extract(epoch FROM state_change)::float8 AS state_change,
+       extract(epoch FROM now())::float8 AS sampled_at,
        CASE WHEN wait_event_type = 'Lock' THEN pg_blocking_pids(pid) END AS blocked_by,
        {query} AS query
 FROM pg_stat_activity
@@ -66,8 +76,18 @@ FROM pg_locks WHERE NOT granted AND pid = ANY(%s) GROUP BY pid
 _SETTINGS = """
 SELECT current_setting('max_connections')::int,
        current_setting('superuser_reserved_connections')::int
-       + coalesce(nullif(current_setting('reserved_connections', true), ''), '0')::int
+       + coalesce(nullif(current_setting('reserved_connections', true), ''), '0')::int,
+       extract(epoch FROM now())::float8
 """
+#: `refresh()` serves the cached view while it is at most this old (sidecar clock, from
+#: the start of its poll); /api/checkouts then shows nothing older than `api.MAX_SAMPLE_AGE_S`.
+FRESH_S = 0.4
+#: On-demand polls start at least this far apart (after any poll, periodic or not): with
+#: any number of clients, at most 2 on-demand polls a second reach the server.
+MIN_REFRESH_S = 0.5
+#: How long a request waits for a poll in flight (or for the rate limit) before it is
+#: served the older view (whose rows the API then shows as unknown).
+REFRESH_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +101,10 @@ class Backend:
     wait_event: str | None
     xact_age_s: float | None
     state_age_s: float | None
+    #: epoch seconds, server clock; None when the session is hidden (no `pg_monitor`) or,
+    #: for `xact_start`, when no transaction is open
+    xact_start: float | None
+    state_change: float | None
     blocked_by: tuple[int, ...]
     lock_wait_s: float | None
     query: str | None
@@ -99,12 +123,21 @@ class AppStats:
 
 @dataclass(frozen=True)
 class PgView:
-    """The cached result of the last poll."""
+    """The cached result of the last poll.
+
+    Three clocks, on purpose: `poll_started_at` (sidecar wall clock, before the query:
+    a row is never older than `now - poll_started_at`, so freshness is judged by it),
+    `polled_at` (sidecar wall clock, after the query: server ages are aged from it, which
+    can only understate them, never make a transaction look older than its hold), and
+    `sampled_at` (the server's `now()` for that query: compared with the server's own
+    `xact_start`/`state_change` and, within a tolerance, with a hold's start)."""
 
     configured: bool
     up: bool = False
     error: str | None = None
     polled_at: float | None = None
+    poll_started_at: float | None = None
+    sampled_at: float | None = None
     poll_s: float = 0.0
     max_connections: int | None = None
     reserved_connections: int | None = None
@@ -177,6 +210,14 @@ class PostgresCollector:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
+        self.min_refresh_s = MIN_REFRESH_S
+        #: polls started early because a request wanted a fresh view
+        self.on_demand_polls = 0
+        #: requests inside `refresh` waiting for a fresher view
+        self._waiting = 0
+        self._cond = threading.Condition()
+        self._polling = False
+        self._last_poll_mono: float | None = None
         query = f"left(query, {int(query_text_limit) * 4})" if show_query_text else "NULL"
         self._activity_sql = _ACTIVITY.format(query=query)
 
@@ -189,31 +230,108 @@ class PostgresCollector:
 
     def stop(self) -> None:
         self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=self.connect_timeout + 2)
         self._close()
 
     def _run(self) -> None:
+        """All polls of a started collector happen here, periodic and on demand: one
+        connection, one thread, and a server that is down keeps its backoff however many
+        clients ask (on-demand requests only shorten the wait while polls succeed)."""
         backoff = 1.0
-        delay = 0.0
-        while not self._stop.wait(delay):
+        while not self._stop.is_set():
             if self.poll():
                 backoff = 1.0
-                delay = self.interval
+                self._sleep(self.interval, on_demand=True)
             else:
-                delay = min(backoff, self.backoff_max)
+                self._sleep(min(backoff, self.backoff_max), on_demand=False)
                 backoff *= 2
+
+    def _sleep(self, delay: float, on_demand: bool) -> None:
+        """Wait `delay`, or less when a request wants a fresh view, but never closer than
+        `min_refresh_s` to the start of the previous poll (the rate limit)."""
+        until = time.monotonic() + delay
+        with self._cond:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= until:
+                    return
+                if on_demand and self._waiting:
+                    allowed = (self._last_poll_mono or 0.0) + self.min_refresh_s
+                    if now >= allowed:
+                        self.on_demand_polls += 1
+                        return
+                    self._cond.wait(min(until, allowed) - now)
+                else:
+                    self._cond.wait(until - now)
+
+    # -- on demand --------------------------------------------------------------------------
+    def _fresh(self, max_age: float, since: float | None) -> bool:
+        started = self.view.poll_started_at
+        if not self.view.up or started is None:
+            return False
+        now = time.time()
+        return now - started <= max_age and (since is None or started >= min(since, now))
+
+    def refresh(
+        self, max_age: float = FRESH_S, since: float | None = None, wait: float = REFRESH_WAIT_S
+    ) -> PgView:
+        """A view at most `max_age` old, and polled after `since` (wall clock: the newest
+        hold's start, so it has a row of its own), if the polling thread can get one within
+        `wait` seconds; else the latest one (the caller checks its age). Blocks up to
+        `wait`: call it off the event loop.
+
+        Why this shape: /api/checkouts must not show a server row from another moment, yet
+        the database must not see a query per request. A request only *asks* the polling
+        thread for an early poll; requests arriving meanwhile wait for that same poll;
+        polls start at least `min_refresh_s` apart. So whatever the number of clients, the
+        server sees at most 1/`min_refresh_s` on-demand polls a second besides the periodic
+        one, and none while nobody looks. /metrics never calls this."""
+        view = self.view
+        if self.dsn is None or self._thread is None or (view.polled_at and not view.up):
+            return view  # down: the periodic poll's backoff decides when to try again
+        deadline = time.monotonic() + wait
+        with self._cond:
+            self._waiting += 1  # the polling thread polls early only while someone waits
+            try:
+                while not self._fresh(max_age, since) and not self._stop.is_set():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.notify_all()
+                    self._cond.wait(remaining)
+            finally:
+                self._waiting -= 1
+            return self.view
 
     # -- one poll ---------------------------------------------------------------------------
     def poll(self) -> bool:
-        """Poll once (connecting if needed); update `view`; True on success. Never raises."""
+        """Poll once (connecting if needed); update `view`; True on success. Never raises.
+        Polls never overlap (one connection): a second caller waits for the first."""
         if self.dsn is None:
             return False
+        with self._cond:
+            while self._polling:
+                self._cond.wait()
+            self._polling = True
+            self._last_poll_mono = time.monotonic()
+        try:
+            return self._poll()
+        finally:
+            with self._cond:
+                self._polling = False
+                self._cond.notify_all()
+
+    def _poll(self) -> bool:
+        """The poll itself; the caller holds the `_polling` flag."""
         started = time.perf_counter()
+        started_at = time.time()
         self.polls += 1
         try:
             conn = self._connect()
-            backends, max_conn, reserved = self._read(conn)
+            backends, max_conn, reserved, sampled_at = self._read(conn)
         except Exception as exc:
             self._close()
             self.errors += 1
@@ -225,6 +343,7 @@ class PostgresCollector:
                 up=False,
                 error=message,
                 polled_at=time.time(),
+                poll_started_at=started_at,
                 poll_s=time.perf_counter() - started,
             )
             if not self._failing:
@@ -244,6 +363,8 @@ class PostgresCollector:
             configured=True,
             up=True,
             polled_at=now,
+            poll_started_at=started_at,
+            sampled_at=sampled_at,
             poll_s=time.perf_counter() - started,
             max_connections=max_conn,
             reserved_connections=reserved,
@@ -280,7 +401,7 @@ class PostgresCollector:
             except Exception:
                 log.debug("closing the PostgreSQL connection failed", exc_info=True)
 
-    def _read(self, conn: Any) -> tuple[list[Backend], int, int]:
+    def _read(self, conn: Any) -> tuple[list[Backend], int, int, float]:
         rows = conn.execute(self._activity_sql).fetchall()
         waiting = [r[0] for r in rows if r[3] == "Lock"]
         wait_s: dict[int, float] = {}
@@ -290,9 +411,13 @@ class PostgresCollector:
                 for pid, s in conn.execute(_LOCK_WAITS, (waiting,)).fetchall()
                 if s is not None
             }
-        max_conn, reserved = conn.execute(_SETTINGS).fetchone()
+        max_conn, reserved, settings_now = conn.execute(_SETTINGS).fetchone()
+        # the activity statement's own now(); with no rows, the later settings statement's
+        sampled_at = rows[0][9] if rows else settings_now
         backends = []
-        for pid, app, state, wtype, wevent, xact_age, state_age, blocked, query in rows:
+        for row in rows:
+            pid, app, state, wtype, wevent, xact_age, state_age, xact_start, state_change = row[:9]
+            blocked, query = row[10], row[11]
             lock_wait = None
             if wtype == "Lock":  # waitstart can lag the wait briefly: fall back to state age
                 lock_wait = wait_s.get(pid, state_age)
@@ -305,6 +430,8 @@ class PostgresCollector:
                     wait_event=wevent,
                     xact_age_s=xact_age,
                     state_age_s=state_age,
+                    xact_start=xact_start,
+                    state_change=state_change,
                     blocked_by=tuple(blocked or ()),
                     lock_wait_s=lock_wait,
                     query=sqltext.shown(query, self.query_text_limit)
@@ -312,4 +439,4 @@ class PostgresCollector:
                     else None,
                 )
             )
-        return backends, max_conn, reserved
+        return backends, max_conn, reserved, sampled_at

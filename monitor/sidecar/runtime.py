@@ -2,7 +2,8 @@
 
 Both loops run off the event loop, on their own schedules, and publish immutable results
 (`View`, `PgView`) by reference swap; request handlers only read those. So a slow disk or
-a slow database never delays a scrape, and a scrape never triggers work.
+a slow database never delays a scrape, and a scrape never triggers work. (`/api/checkouts`
+may ask the polling thread for an early, rate-limited poll: `PostgresCollector.refresh`.)
 """
 
 from __future__ import annotations

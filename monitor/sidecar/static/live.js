@@ -85,7 +85,9 @@
       cell(tr, h.site, "site");
       cell(tr, h.task ? h.thread + " / " + h.task : h.thread);
       cell(tr, h.backend_pid, "num");
-      cell(tr, h.server_state);
+      // A server row is shown only when it describes this hold; else why not (hover).
+      var state = cell(tr, h.server_unknown ? "?" : h.server_state);
+      if (h.server_unknown) state.title = h.server_unknown;
       cell(tr, seconds(h.server_xact_age_s), "num");
       cell(tr, h.wait_event_type ? h.wait_event_type + ":" + h.wait_event : null);
       cell(tr, blockedText(h) || null);

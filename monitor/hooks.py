@@ -202,7 +202,6 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
 
     def end(hold: Hold, at: float) -> None:
         hold.end = at
-        hold.open = False
         closed_append(hold)
         ended(hold, at)
 
@@ -242,7 +241,6 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
                     returned(rec)
                 else:
                     hold.end = now = _perf()
-                    hold.open = False
                     closed_append(hold)
                     if hold.alerted or len(closed) > FOLD_LIMIT:
                         ended(hold, now)
@@ -371,7 +369,7 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
             swallow(monitor, "execute", exc)
 
     def end_statement(hold: Hold) -> None:
-        if not hold.open or not hold.depth:
+        if hold.end or not hold.depth:  # returned already, or not executing
             return
         hold.depth -= 1
         if not hold.depth and hold.sql_t0:

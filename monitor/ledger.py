@@ -37,7 +37,7 @@ class Hold:
     """One checkout: who borrowed the connection, where, and how it is being used."""
 
     __slots__ = ("alerted", "counted", "depth", "end", "exec_thread", "fairy_ref",
-                 "open", "record", "shared", "site", "sql", "sql_t0", "start", "task_ref",
+                 "record", "shared", "site", "sql", "sql_t0", "start", "task_ref",
                  "thread", "user", "users", "waited")  # fmt: skip
 
     def __init__(self, start: float, waited: float, thread: int, task: Any,
@@ -60,8 +60,7 @@ class Hold:
         self.sql_t0 = 0.0
         self.depth = 0
         self.exec_thread = 0
-        self.end = 0.0
-        self.open = True
+        self.end = 0.0  # until it is returned
         self.counted = False  # its checkout is in the totals (folded while still out)
         self.alerted = False
         self.shared = False  # set once it changed hands: from then on, locked

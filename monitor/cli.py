@@ -12,6 +12,7 @@ commands:
   demo        run the demo: embedded PostgreSQL, service, sidecar, load, report
   sidecar     serve every worker's pools and PostgreSQL's view on /metrics
   bench       measure instrumentation cost per checkout cycle
+  bench-live  measure what the live-hold document costs a worker (CPU % of one core)
   dashboards  regenerate the Grafana dashboards JSON
 
 `pool-monitor COMMAND --help` for a command's options."""
@@ -35,6 +36,12 @@ def _bench(argv: list[str]) -> int:
     return main(argv)
 
 
+def _bench_live(argv: list[str]) -> int:
+    from monitor.livebench import main
+
+    return main(argv)
+
+
 def _dashboards(argv: list[str]) -> int:
     from dashboards.__main__ import main
 
@@ -45,6 +52,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "demo": _demo,
     "sidecar": _sidecar,
     "bench": _bench,
+    "bench-live": _bench_live,
     "dashboards": _dashboards,
 }
 

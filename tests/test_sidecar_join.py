@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,12 +48,18 @@ class Setup:
     reads: list[float]
 
     def publish(self) -> None:
-        """Write this process's snapshot (the worker's side) and scan it (the sidecar's)."""
-        doc = snapshot.process_snapshot(1.0)
-        doc["pools"] = [p for p in doc["pools"] if p["pool"] == POOL]
-        path = self.snapdir / snapshot.file_name(snapshot.identity())
-        path.write_text(json.dumps(doc))
-        self.sidecar.scan()
+        """Wait until the sidecar's view has this process's holds as they are now: this
+        process's real writer thread (the worker's side) vouches for its live holds every
+        `LIVE_CHECK_S`, the sidecar's thread reads them every `live_scan_interval`. Holds
+        are aged only up to shortly after their worker last vouched for them, so a one-off
+        document would not do: its holds would stop ageing, as a stalled worker's do."""
+        after = time.time() + snapshot.LIVE_CHECK_S + 0.05
+        deadline = time.monotonic() + 10
+        while self.sidecar.view.holds_at <= after or not any(
+            p["pid"] == os.getpid() and p["state"] == "live" for p in self.sidecar.view.processes
+        ):
+            assert time.monotonic() < deadline, "the sidecar did not read the live holds"
+            time.sleep(0.01)
 
     def rows(self, **kwargs: Any) -> list[dict[str, Any]]:
         """/api/checkouts as computed from the cached view, without asking for a poll."""
@@ -68,12 +74,13 @@ class Setup:
 
 @pytest.fixture
 def setup(database_url: str, tmp_path: Path) -> Iterator[Setup]:
-    """A one-connection pool on the real server, and a sidecar whose periodic poll is
+    """A one-connection pool on the real server, written by this process's real snapshot
+    writer (full and live documents), and a running sidecar whose periodic poll is
     hourly: every poll after the first is an on-demand one (or the test's own)."""
     engine = sa.create_engine(database_url, pool_size=1, max_overflow=0)
-    monitor.instrument(engine, pool_name=POOL)
     snapdir = tmp_path / "snapshots"
     snapdir.mkdir()
+    monitor.instrument(engine, pool_name=POOL, snapshot_dir=str(snapdir), snapshot_interval=1.0)
     cfg = SidecarConfig(
         snapshot_dir=str(snapdir),
         postgres_dsn=libpq_dsn(database_url),
@@ -93,12 +100,14 @@ def setup(database_url: str, tmp_path: Path) -> Iterator[Setup]:
     try:
         with engine.connect() as conn:  # the pool's one backend exists before the first poll
             conn.execute(sa.text("SELECT 1"))
-        sidecar.pg.start()
+        sidecar.start()  # the scanning thread, and the polling one
         setup.wait_polled(0.0)
+        setup.publish()
         yield setup
     finally:
-        sidecar.pg.stop()
+        sidecar.stop()
         monitor.uninstrument(engine)
+        snapshot.stop_all()
         engine.dispose()
 
 

@@ -206,7 +206,11 @@ def test_three_processes_sum_exactly(tmp_path: Path, agg: Aggregator) -> None:
     assert g["db.client.connection.count"] == {"idle": 6, "used": 3}
     assert g["db.client.connection.max"] == 15
     assert g["sqlalchemy.pool.oldest_checkout_age"] == 7.5  # max, not sum
-    assert [h["process"]["pid"] for h in api["holds"]] == [1, 2, 1]  # oldest first
+    # Oldest first, aged from their start by the sidecar's clock, but never more than
+    # AGE_SLACK_S past what their document vouches for: pid 2 wrote at 999.5, so its hold
+    # (started 999.0) is 0.75 s old, not 1.0, at 1000.0: it may have ended since.
+    ages = [(h["process"]["pid"], h["age_s"]) for h in api["holds"]]
+    assert ages == [(1, 2.0), (1, 1.0), (2, pytest.approx(0.75))]
     assert api["holds"][0]["pool"] == "api" and api["processes"] == 3
     assert bg["counters"]["sqlalchemy.pool.checkouts"] == 12
     assert bg["gauges"]["db.client.connection.count"]["used"] == 3

@@ -90,12 +90,12 @@ def test_document_and_file_name(tmp_path: Path, engine: sa.Engine) -> None:
     hold = seen[0]["holds"][0]
     assert hold["backend_pid"] is None  # sqlite has no server backend
     assert hold["site"].startswith("tests/test_snapshot.py:") and hold["age_s"] >= 0
-    names = os.listdir(out)
-    assert len(names) == 1, names
+    names = sorted(os.listdir(out))  # the full document and the live one (same identity)
+    assert len(names) == 2, names
     ident = snapshot.identity()
     host = socket.gethostname()
     assert names[0].startswith(f"pool-monitor-{host}-{os.getpid()}-")
-    assert names[0] == snapshot.file_name(ident)
+    assert names == [snapshot.file_name(ident), snapshot.live_file_name(ident)]
     doc = _docs(out)[0]
     assert doc["version"] == 1
     assert doc["process"] == {
@@ -150,7 +150,9 @@ def test_writes_are_atomic_for_a_concurrent_reader(tmp_path: Path, engine: sa.En
     # Counts only prove both sides ran (a loaded machine runs them slower); atomicity is
     # json.loads never raising above.
     assert reads > 10 and writer.writes > 5, (reads, writer.writes)
-    assert sorted(os.listdir(tmp_path)) == [os.path.basename(writer.path)]  # no temp left
+    assert sorted(os.listdir(tmp_path)) == sorted(  # no temp file left
+        [os.path.basename(writer.path), os.path.basename(writer.live_path)]
+    )
 
 
 def test_ensure_writer_is_idempotent(tmp_path: Path) -> None:

@@ -20,6 +20,16 @@ Rules this module keeps:
   (WARNING, with the path and the OS error), counted (`write_errors()`, and `writer.errors`
   in the next document that does get written), and logged again only after writes have
   recovered and failed anew.
+- Live holds travel separately, fast: the full document is written every interval, which
+  is too slow for a list of holds (a hold ended 0.1 s ago must not be shown for another
+  second, nor aged from a snapshot a second old). The same thread checks every
+  `LIVE_CHECK_S` whether the set of live holds changed (an identity comparison of the
+  ledgers' hold objects, no folding, no lock) and, if so, writes a small *live* document
+  (`<name>.live`: only the holds, atomically like the full one); if not, it only touches
+  the file (`os.utime`), so the file's mtime says "the holds were these as of then". The
+  sidecar reads these files every 0.2 s and ages holds from their start, never past what
+  that mtime vouches for (`monitor.sidecar.aggregate`). A process's idle cost is one
+  `utime` per check (`pool-monitor bench-live`, `monitor.livebench`).
 - Files do not pile up, yet the sidecar never writes into the directory: each writer, at
   start and every minute, removes pool-monitor files that nobody has rewritten for
   `max(60 s, 30 intervals)` (dead processes, whichever container they came from). The
@@ -49,6 +59,13 @@ from monitor.exporters import signals
 SNAPSHOT_VERSION = 1
 PREFIX = "pool-monitor-"
 SUFFIX = ".json"
+#: The live document's name is the full one's with this instead of `SUFFIX`; an older
+#: sidecar, which reads `*.json` only, ignores it.
+LIVE_SUFFIX = ".live"
+LIVE_VERSION = 1
+#: How often the writer thread checks whether the set of live holds changed (and, if not,
+#: touches the live file): the bound on how late an ended hold leaves the live document.
+LIVE_CHECK_S = 0.1
 #: Live holds kept per pool in a file (the oldest ones): bounds a file's size when a
 #: NullPool serves thousands of threads. The count left out is `holds_dropped`.
 MAX_HOLDS_PER_POOL = 1000
@@ -57,7 +74,7 @@ PRUNE_EVERY_S = 60.0
 
 log = logging.getLogger("monitor.snapshot")
 
-_FILE_RE = re.compile(r"^\.?pool-monitor-.+\.json(\.tmp)?$")
+_FILE_RE = re.compile(r"^\.?pool-monitor-.+\.(json|live)(\.tmp)?$")
 
 _lock = threading.Lock()
 _writers: dict[str, SnapshotWriter] = {}
@@ -144,6 +161,11 @@ def file_name(ident: dict[str, Any]) -> str:
     return f"{PREFIX}{host}-{ident['pid']}-{ident['start_token']}{SUFFIX}"
 
 
+def live_file_name(ident: dict[str, Any]) -> str:
+    """The live document's name: the full one's, ending in `LIVE_SUFFIX`."""
+    return file_name(ident)[: -len(SUFFIX)] + LIVE_SUFFIX
+
+
 def _monitor_id(pm: Any) -> int:
     """A number unique to this monitor object within the process: the sidecar tells a
     pool that was uninstrumented and instrumented again (counters back at zero) from the
@@ -158,11 +180,10 @@ def _monitor_id(pm: Any) -> int:
 def _pool_snapshot(pm: Any) -> dict[str, Any]:
     snap = pm.snapshot()
     snap["monitor_id"] = _monitor_id(pm)
-    holds = snap.get("holds") or []
-    if len(holds) > MAX_HOLDS_PER_POOL:
-        holds.sort(key=lambda h: h.get("age_s", 0.0), reverse=True)
-        snap["holds_dropped"] = len(holds) - MAX_HOLDS_PER_POOL
-        snap["holds"] = holds[:MAX_HOLDS_PER_POOL]
+    holds, dropped = _limit_holds(snap.get("holds") or [])
+    if dropped:
+        snap["holds_dropped"] = dropped
+        snap["holds"] = holds
     return snap
 
 
@@ -213,6 +234,71 @@ def process_snapshot(
     }
 
 
+def _limit_holds(holds: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The oldest `MAX_HOLDS_PER_POOL` holds, and how many were left out."""
+    if len(holds) <= MAX_HOLDS_PER_POOL:
+        return holds, 0
+    holds.sort(key=lambda h: h.get("age_s", 0.0), reverse=True)
+    return holds[:MAX_HOLDS_PER_POOL], len(holds) - MAX_HOLDS_PER_POOL
+
+
+def live_holds() -> list[tuple[Any, list[Any]]]:
+    """Every active monitor with its live `Hold` objects, read without the ledger lock.
+
+    `list(dict.values())` runs in C under the GIL, so it is one consistent copy; the Hold
+    objects themselves (new for every checkout, compared by identity) are what tells
+    whether the set changed since the last check: no folding, no counting."""
+    from monitor.instrument import monitors
+
+    out = []
+    for pm in monitors():
+        holds = pm.ledger.holds
+        for _ in range(3):  # a resize during the copy is impossible in CPython; be safe
+            try:
+                out.append((pm, list(holds.values())))
+                break
+            except RuntimeError:
+                continue
+    return out
+
+
+def live_document(state: list[tuple[Any, list[Any]]], as_of: float | None = None) -> dict[str, Any]:
+    """The live document for `state` (from `live_holds()`, read at wall time `as_of`, the
+    moment its holds are vouched for): identity, `written_at` = `as_of`, and per pool its
+    holds as the full document describes them (`PoolMonitor._hold_dict`)."""
+    now = time.perf_counter()
+    wall = time.time()
+    pools = []
+    for pm, holds in state:
+        threshold = pm.settings.long_held_threshold
+        dicts, dropped = _limit_holds([pm._hold_dict(h, now, wall, threshold) for h in holds])
+        pools.append(
+            {
+                "pool": pm.name,
+                "monitor_id": _monitor_id(pm),
+                "long_held_threshold": threshold,
+                "holds": dicts,
+                "holds_dropped": dropped,
+            }
+        )
+    ident = identity()
+    return {
+        "version": LIVE_VERSION,
+        "kind": "live",
+        "process": {k: ident[k] for k in _PROCESS_FIELDS if k in ident},
+        "written_at": wall if as_of is None else as_of,
+        "check_interval": LIVE_CHECK_S,
+        "pools": pools,
+    }
+
+
+def _same(a: list[tuple[Any, list[Any]]], b: list[tuple[Any, list[Any]]] | None) -> bool:
+    """Same monitors, same Hold objects (identity; `Hold` has no `__eq__`)."""
+    if b is None or len(a) != len(b):
+        return False
+    return all(pa is pb and ha == hb for (pa, ha), (pb, hb) in zip(a, b, strict=True))
+
+
 class SnapshotWriter:
     """Writes this process's snapshot into one directory, every `interval` seconds."""
 
@@ -232,11 +318,22 @@ class SnapshotWriter:
         self._pid = os.getpid()
         self._next_prune = 0.0
         self._uvicorn_patched = False
+        # Live document: the state last written (strong references, so a Hold's identity
+        # cannot be reused while compared), and when it was written (monotonic).
+        self._live_state: list[tuple[Any, list[Any]]] | None = None
+        self._live_written = 0.0
+        self.live_writes = 0
+        self.live_touches = 0
+        self.live_errors = 0
         self._thread = threading.Thread(target=self._run, name="pool-monitor-snapshot", daemon=True)
 
     @property
     def path(self) -> str:
         return os.path.join(self.directory, file_name(identity()))
+
+    @property
+    def live_path(self) -> str:
+        return os.path.join(self.directory, live_file_name(identity()))
 
     def start(self) -> None:
         self._thread.start()
@@ -245,19 +342,66 @@ class SnapshotWriter:
         return self._thread.is_alive() and self._pid == os.getpid()
 
     def _run(self) -> None:
+        next_full = 0.0
         while True:
             if self._final_requested:
                 self.write(exited=True)
+                self.remove_live()
                 self._final_done.set()
                 return
             if self._stop.is_set():
                 return
-            self.write()
-            self.prune()
-            if not self._uvicorn_patched:  # uvicorn may be imported after instrument()
-                self._uvicorn_patched = signals.patch_uvicorn()
-            self._wake.wait(self.interval)
-            self._wake.clear()
+            if time.monotonic() >= next_full:
+                self.write()
+                self.prune()
+                if not self._uvicorn_patched:  # uvicorn may be imported after instrument()
+                    self._uvicorn_patched = signals.patch_uvicorn()
+                next_full = time.monotonic() + self.interval
+            self.write_live()
+            wait = min(LIVE_CHECK_S, next_full - time.monotonic())
+            if self._wake.wait(max(0.0, wait)):
+                self._wake.clear()
+                next_full = 0.0
+
+    def write_live(self) -> bool:
+        """Write the live document if the set of live holds changed since the last write
+        (or it has not been rewritten for an interval while holds are out: their
+        `executing` and SQL time move on); otherwise touch it, which tells the sidecar the
+        holds it has are still the holds. True if it wrote. Never raises; a failure is
+        counted (`live_errors`) and the next call writes in full."""
+        try:
+            # Taken before the holds are read: every hold read was still out at this time,
+            # so this is what the file vouches for (its mtime), however long the write
+            # then waits for the GIL.
+            wall = time.time()
+            state = live_holds()
+            now = time.monotonic()
+            if _same(state, self._live_state) and not (
+                any(holds for _, holds in state) and now - self._live_written >= self.interval
+            ):
+                try:
+                    os.utime(self.live_path, (wall, wall))
+                    self.live_touches += 1
+                    return False
+                except FileNotFoundError:
+                    pass  # removed (pruned by hand, volume recreated): write it again
+            data = json.dumps(live_document(state, wall), separators=(",", ":"), default=str)
+            self._replace(data, self.live_path, mtime=wall)
+            self._live_state, self._live_written = state, now
+            self.live_writes += 1
+            return True
+        except Exception:
+            # The full document's write, on this same thread and directory, logs the
+            # cause; here only count, and start over.
+            self.live_errors += 1
+            self._live_state = None
+            return False
+
+    def remove_live(self) -> None:
+        """At exit: the live document goes (the exit document says the process is gone;
+        a stale live file would only wait for the prune)."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.live_path)
 
     def wake(self) -> None:
         """Write now rather than at the end of the interval."""
@@ -285,7 +429,10 @@ class SnapshotWriter:
         if requested:
             return self._final_done.wait(timeout) and self.final_written
         self._stop.set()
-        return self.write(exited=True, timeout=timeout)
+        written = self.write(exited=True, timeout=timeout)
+        if written:
+            self.remove_live()
+        return written
 
     def write(self, exited: bool = False, timeout: float = -1) -> bool:
         """Write the snapshot now; True if it reached the directory. Never raises."""
@@ -294,7 +441,12 @@ class SnapshotWriter:
         try:
             if self.final_written:
                 return False  # the exit document stays the last word
-            stats = {"writes": self.writes, "errors": self.errors}
+            stats = {
+                "writes": self.writes,
+                "errors": self.errors,
+                "live_writes": self.live_writes,
+                "live_errors": self.live_errors,
+            }
             try:
                 data = json.dumps(
                     process_snapshot(self.interval, exited, stats),
@@ -318,12 +470,14 @@ class SnapshotWriter:
         finally:
             self._write_lock.release()
 
-    def _replace(self, data: str) -> None:
-        final = self.path
+    def _replace(self, data: str, final: str | None = None, mtime: float | None = None) -> None:
+        final = self.path if final is None else final
         tmp = os.path.join(self.directory, "." + os.path.basename(final) + ".tmp")
         try:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(data)
+            if mtime is not None:
+                os.utime(tmp, (mtime, mtime))
             os.replace(tmp, final)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -357,14 +511,14 @@ class SnapshotWriter:
             return 0
         self._next_prune = now + PRUNE_EVERY_S
         stale = now - max(60.0, 30 * self.interval)
-        own = os.path.basename(self.path)
+        own = (os.path.basename(self.path), os.path.basename(self.live_path))
         removed = 0
         try:
             names = os.listdir(self.directory)
         except OSError:
             return 0
         for name in names:
-            if name == own or not _FILE_RE.match(name):
+            if name in own or not _FILE_RE.match(name):
                 continue
             path = os.path.join(self.directory, name)
             try:

@@ -30,6 +30,17 @@ Two refinements of "live", both about what a pod can actually serve with:
   out nothing itself — is *standby*: its counters count, its gauges (`max`, idle) do not,
   or the pod would show one more pool's capacity than it has.
 
+Holds come from each process's *live* document (`<name>.live`, see
+`monitor.exporters.snapshot`) when it has one, re-read every `--live-scan-interval` (0.2 s)
+without re-merging anything else: the worker rewrites it within 0.1 s of a checkout or a
+return and otherwise advances its mtime, so its mtime is the moment the worker last vouched
+for those holds (`as_of`). Ages are counted from each hold's start by this sidecar's clock,
+but never more than `AGE_SLACK_S` past `as_of`, and `long_held` is decided here from that
+age: a hold that ended is never shown older than it got by more than 0.25 s, nor flagged
+from a snapshot's moment. Holds vouched for longer than `STALE_AFTER_S` ago are still shown,
+marked stale ("as of" on the page); a process without a live document (an older library)
+has its full document's holds, as of when it was written.
+
 Series are per monitor (`monitor_id` in the file): when a live process uninstruments an
 engine, or instruments it again (counters back at zero), the old series' last values are
 compacted too. Within a series counters are held at their high-water mark (see
@@ -42,7 +53,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from monitor.exporters import snapshot
@@ -52,6 +63,17 @@ log = logging.getLogger("monitor.sidecar.aggregate")
 
 #: A process is live while its document is younger than this many of its intervals.
 FRESH_INTERVALS = 3.0
+#: A hold is aged past the moment its worker last vouched for it (`as_of`) by at most this
+#: much: if it ended right after, its shown age is at most this much above its true one.
+AGE_SLACK_S = 0.25
+#: Holds last vouched for longer ago than this are marked `stale` ("as of" on the page):
+#: the worker's live document is late (a starved or paused process, an older library
+#: without live documents). A live document is vouched for every
+#: `snapshot.LIVE_CHECK_S` (0.1 s) and read every 0.2 s, so a healthy one never is.
+STALE_AFTER_S = 0.5
+#: The live document wins over the full one unless the full one is newer by more than
+#: this (both come from one thread, the full one a moment before the live check).
+LIVE_TOLERANCE_S = 0.05
 
 _own_namespace: dict[str, str] | None = snapshot.pid_namespace()
 
@@ -107,6 +129,11 @@ class Process:
     doc: dict[str, Any]
     live: bool = True
     dead_since: float | None = None
+    #: its live document (`<name>.live`), when it writes one, and until when the worker
+    #: vouched for it: the file's mtime, which the worker advances while nothing changed.
+    live_doc: dict[str, Any] | None = None
+    live_sig: files.Signature | None = None
+    live_as_of: float = 0.0
 
     def stale(self, now: float) -> bool:
         doc = self.doc
@@ -127,6 +154,8 @@ class View:
     errors: dict[str, int]
     dir_error: str | None
     scans: int
+    #: when the holds were last re-attached (the live scan; `scanned_at` is the full one)
+    holds_at: float = 0.0
 
     @property
     def holds(self) -> list[dict[str, Any]]:
@@ -154,6 +183,8 @@ class Aggregator:
     _forgotten: dict[str, files.Signature] = field(default_factory=dict)
     _dir_error: str | None = None
     _scans: int = 0
+    _live_rejected: dict[str, files.Signature] = field(default_factory=dict)
+    _base: View = EMPTY  # the last full merge, holds not yet attached
 
     # -- reading the directory ------------------------------------------------------------
     def _list(self) -> list[str]:
@@ -259,7 +290,83 @@ class Aggregator:
             if not proc.live and now - (proc.dead_since or now) > self.retain_dead_s:
                 self._compact(proc, proc.name in seen)
         self._scans += 1
-        return self._view(now, started)
+        self._read_live()
+        self._base = self._view(now, started)
+        return self._with_holds(self._base, now)
+
+    # -- live documents ---------------------------------------------------------------------
+    def scan_live(self) -> View:
+        """Re-read only the live processes' small live documents and re-attach the holds to
+        the last full merge: the fast path (every `--live-scan-interval`). A process found
+        gone in the meantime gets a full scan, so its holds go at once."""
+        if any(p.live and self.gone(p.doc["process"]) for p in self.procs.values()):
+            return self.scan()
+        self._read_live()
+        return self._with_holds(self._base, self.clock())
+
+    def _read_live(self) -> None:
+        known = {files.live_name(name) for name in self.procs}
+        for name in [n for n in self._live_rejected if n not in known]:
+            del self._live_rejected[name]
+        for proc in self.procs.values():
+            if not proc.live:
+                continue
+            name = files.live_name(proc.name)
+            path = os.path.join(self.directory, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                if proc.live_doc is not None:  # it had one: the worker removes it at exit,
+                    # so its holds are over (never fall back to the older full document's)
+                    proc.live_doc = {**proc.live_doc, "pools": []}
+                    proc.live_sig, proc.live_as_of = None, self.clock()
+                continue  # else none: an older library, the full document's holds
+            sig = files.signature(st)
+            if sig == proc.live_sig or self._live_rejected.get(name) == sig:
+                continue
+            try:
+                doc = files.read(path, st.st_size, self.max_bytes, files.validate_live)
+                if doc["process"].get("pid") != proc.doc["process"]["pid"]:
+                    raise files.Rejected("invalid", "live document of another process")
+            except files.Rejected as exc:
+                self._live_rejected[name] = sig
+                self._reject_live(name, exc)
+                continue
+            self._live_rejected.pop(name, None)
+            proc.live_doc, proc.live_sig = doc, sig
+            proc.live_as_of = max(st.st_mtime, doc["written_at"])
+
+    def _reject_live(self, name: str, exc: files.Rejected) -> None:
+        self.errors[exc.reason] += 1
+        log.warning("skipping live document %s: %s", name, exc)
+
+    def _with_holds(self, base: View, now: float) -> View:
+        """`base` with every live, serving process's holds attached to their pools, each
+        with `as_of` (when its worker last vouched for it) and `age_s` as of `now`."""
+        by_pool: dict[str, list[dict[str, Any]]] = {}
+        for proc in self.procs.values():
+            if not (proc.live and proc.doc.get("serving", True)):
+                continue
+            process = proc.doc["process"]
+            live = proc.live_doc
+            if live is not None and proc.live_as_of >= proc.doc["written_at"] - LIVE_TOLERANCE_S:
+                as_of, pools = proc.live_as_of, live["pools"]
+            else:  # no live document (older library, or failing): the full one's holds
+                as_of, pools = proc.doc["written_at"], proc.doc["pools"]
+            for pool in pools:
+                by_pool.setdefault(pool["pool"], []).extend(_holds(pool, process, as_of, now))
+        out = []
+        for acc in base.pools:
+            holds = by_pool.pop(acc["pool"], [])
+            holds.sort(key=lambda h: h["age_s"], reverse=True)
+            out.append({**acc, "holds": holds})
+        for name, holds in by_pool.items():  # a pool newer than the last full merge
+            holds.sort(key=lambda h: h["age_s"], reverse=True)
+            acc = _empty_pool(name, merge.totals())
+            acc["gauges"] = merge.copy_totals(merge.ZERO_GAUGES)
+            out.append({**acc, "holds": holds})
+        out.sort(key=lambda p: p["pool"])
+        return replace(base, pools=out, holds_at=now)
 
     # -- the merged view ------------------------------------------------------------------
     def _view(self, now: float, started: float) -> View:
@@ -268,16 +375,7 @@ class Aggregator:
         def pool_acc(name: str) -> dict[str, Any]:
             acc = pools.get(name)
             if acc is None:
-                kept = self._compacted.get(name, merge.totals())
-                acc = pools[name] = {
-                    "pool": name,
-                    "pool_class": None,
-                    "processes": 0,
-                    "gauges": {},
-                    "counters": merge.copy_totals(kept["counters"]),
-                    "histograms": merge.copy_totals(kept["histograms"]),
-                    "holds": [],
-                }
+                acc = pools[name] = _empty_pool(name, self._compacted.get(name, merge.totals()))
             return acc
 
         for name in self._compacted:
@@ -286,7 +384,6 @@ class Aggregator:
         processes: list[dict[str, Any]] = []
         for proc in self.procs.values():
             doc = proc.doc
-            process = doc["process"]
             for pool in doc["pools"]:
                 acc = pool_acc(pool["pool"])
                 merge.add_totals(acc, pool)
@@ -294,13 +391,11 @@ class Aggregator:
                     acc["processes"] += 1
                     acc["pool_class"] = pool.get("pool_class")
                     merge.add_gauges(acc["gauges"], pool.get("gauges", {}))
-                    acc["holds"].extend(_holds(pool, process, doc["written_at"], now))
             merge.add_locks(locks, doc.get("locks", {}))
             processes.append(_process_summary(proc, now))
         for acc in pools.values():
             if not acc["processes"]:
                 acc["gauges"] = merge.copy_totals(merge.ZERO_GAUGES)
-            acc["holds"].sort(key=lambda h: h["age_s"], reverse=True)
         ordered = [pools[name] for name in sorted(pools)]
         return View(
             now,
@@ -323,25 +418,61 @@ def _series(doc: dict[str, Any]) -> dict[tuple[str, Any], dict[str, Any]]:
     return out
 
 
+def _empty_pool(name: str, kept: dict[str, Any]) -> dict[str, Any]:
+    """A pool's merge accumulator, starting from its retained totals `kept`."""
+    return {
+        "pool": name,
+        "pool_class": None,
+        "processes": 0,
+        "gauges": {},
+        "counters": merge.copy_totals(kept["counters"]),
+        "histograms": merge.copy_totals(kept["histograms"]),
+        "holds": [],
+    }
+
+
+def hold_age(hold: dict[str, Any], now: float) -> float:
+    """A hold's age at `now` by this sidecar's clock: from its start, but never further
+    than `AGE_SLACK_S` past `as_of`, the last moment its worker said it was still out.
+    So a hold that has ended since is never shown more than that much older than it got,
+    however late its worker's next word is. (Without `started_at`: its age at `as_of`.)"""
+    as_of = hold.get("as_of")
+    until = now if not isinstance(as_of, (int, float)) else min(now, as_of + AGE_SLACK_S)
+    started = hold.get("started_at")
+    if isinstance(started, (int, float)):
+        return max(0.0, until - started)
+    base = float(hold.get("age_s") or 0.0)
+    return base + max(0.0, until - as_of) if isinstance(as_of, (int, float)) else base
+
+
+def long_held(hold: dict[str, Any], age: float) -> bool:
+    """Long held by the sidecar's own clock (`age` from `hold_age`), not the flag the
+    worker computed when it wrote: that one is up to an interval late."""
+    threshold = hold.get("long_held_threshold")
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        return threshold > 0 and age >= threshold
+    return bool(hold.get("long_held"))
+
+
 def _holds(
-    pool: dict[str, Any], process: dict[str, Any], written_at: float, now: float
+    pool: dict[str, Any], process: dict[str, Any], as_of: float, now: float
 ) -> list[dict[str, Any]]:
-    """The pool's live holds, aged to `now` (not to when the file was written)."""
+    """The pool's holds as vouched for at `as_of`, aged to `now` (`hold_age`)."""
+    threshold = pool.get("long_held_threshold")
+    if threshold is None:  # a full document: the monitor's settings
+        threshold = (pool.get("settings") or {}).get("long_held_threshold")
     out = []
     for hold in pool.get("holds", []):
-        started = hold.get("started_at")
-        if isinstance(started, (int, float)):
-            age = max(0.0, now - started)
-        else:
-            age = float(hold.get("age_s") or 0.0) + max(0.0, now - written_at)
-        out.append(
-            {
-                **hold,
-                "age_s": age,
-                "pool": pool["pool"],
-                "process": {"hostname": process.get("hostname"), "pid": process.get("pid")},
-            }
-        )
+        row = {
+            **hold,
+            "as_of": as_of,
+            "long_held_threshold": threshold,
+            "pool": pool["pool"],
+            "process": {"hostname": process.get("hostname"), "pid": process.get("pid")},
+        }
+        row["age_s"] = hold_age(row, now)
+        row["long_held"] = long_held(row, row["age_s"])
+        out.append(row)
     return out
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from monitor.sidecar import aggregate
 from monitor.sidecar.aggregate import View
 from monitor.sidecar.postgres import Backend, PgView
 
@@ -63,10 +64,20 @@ def _gauges(pool: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def pools(view: View, pg: PgView) -> dict[str, Any]:
-    """`/api/pools`: per pool the live figures, plus processes and PostgreSQL status."""
+def pools(view: View, pg: PgView, now: float | None = None) -> dict[str, Any]:
+    """`/api/pools`: per pool the live figures, plus processes and PostgreSQL status.
+    `holds` and `long_held` count the live holds as `/api/checkouts` shows them (by this
+    sidecar's clock), not the full documents' gauges, which are up to an interval old."""
+    now = time.time() if now is None else now
+
+    def long_held(p: dict[str, Any]) -> int:
+        return sum(
+            1 for h in p["holds"] if aggregate.long_held(h, _hold_age(h, view.scanned_at, now))
+        )
+
     return {
         "scanned_at": view.scanned_at,
+        "holds_at": view.holds_at,
         "pools": [
             {
                 "pool": p["pool"],
@@ -74,6 +85,7 @@ def pools(view: View, pg: PgView) -> dict[str, Any]:
                 "processes": p["processes"],
                 "holds": len(p["holds"]),
                 **_gauges(p),
+                "long_held": long_held(p),
             }
             for p in view.pools
         ],
@@ -102,10 +114,16 @@ def pools(view: View, pg: PgView) -> dict[str, Any]:
 
 
 def _hold_age(hold: dict[str, Any], scanned_at: float, now: float) -> float:
-    started = hold.get("started_at")
-    if isinstance(started, (int, float)):
-        return max(0.0, now - started)
-    return float(hold["age_s"]) + max(0.0, now - scanned_at)
+    if "as_of" not in hold:  # (a hold not from the aggregator: as of the scan)
+        hold = {**hold, "as_of": scanned_at}
+    return aggregate.hold_age(hold, now)
+
+
+def _stale(hold: dict[str, Any], now: float) -> bool:
+    """The hold's worker has not vouched for it for `STALE_AFTER_S`: it may have ended
+    since (the page says "as of" its `as_of`)."""
+    as_of = hold.get("as_of")
+    return not isinstance(as_of, (int, float)) or now - as_of > aggregate.STALE_AFTER_S
 
 
 def _hold_ref(hold: dict[str, Any]) -> dict[str, Any]:
@@ -256,7 +274,10 @@ def checkouts(
             else None,
             "executing": hold.get("executing"),
             "sql_time_s": hold.get("sql_time_s"),
-            "long_held": hold.get("long_held"),
+            "long_held": aggregate.long_held(hold, hold["age_s"]),
+            "started_at": _hold_start(hold, view.scanned_at),
+            "as_of": hold.get("as_of"),
+            "stale": _stale(hold, now),
             "process": hold.get("process"),
         }
         if show_query_text:

@@ -13,11 +13,12 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from monitor.catalogue import SECONDS_BUCKETS
-from monitor.exporters.snapshot import PREFIX, SNAPSHOT_VERSION, SUFFIX
+from monitor.exporters.snapshot import LIVE_SUFFIX, LIVE_VERSION, PREFIX, SNAPSHOT_VERSION, SUFFIX
 
 #: Default largest file read, bytes (a file with 64 pools of 1000 holds is ~25 MB: no).
 MAX_BYTES = 8 * 1024 * 1024
@@ -59,12 +60,25 @@ def is_snapshot_name(name: str) -> bool:
     return not name.startswith(".") and bool(_NAME_RE.match(name))
 
 
+def live_name(name: str) -> str:
+    """The live document's file name for the full document's `name` (same identity)."""
+    return name[: -len(SUFFIX)] + LIVE_SUFFIX
+
+
 def signature(st: os.stat_result) -> Signature:
     return Signature(st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def read(path: str, size: int, max_bytes: int = MAX_BYTES) -> dict[str, Any]:
-    """Parse and validate one file (of `size` bytes when stat'ed); raise `Rejected`."""
+def read(
+    path: str,
+    size: int,
+    max_bytes: int = MAX_BYTES,
+    check: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """Parse and validate one file (of `size` bytes when stat'ed); raise `Rejected`.
+
+    `check` is the validator (default `validate`, the full document; `validate_live` for
+    a live document): one reader, so both kinds are refused for the same reasons."""
     if size > max_bytes:
         raise Rejected("oversized", f"{size} bytes > limit {max_bytes}")
     try:
@@ -83,7 +97,7 @@ def read(path: str, size: int, max_bytes: int = MAX_BYTES) -> dict[str, Any]:
         tail = raw[exc.pos :].strip() if exc.pos < len(raw) else b""
         reason = "truncated" if not tail or not raw.strip() else "corrupt"
         raise Rejected(reason, f"{exc.msg} at byte {exc.pos} of {len(raw)}") from None
-    validate(doc)
+    (check or validate)(doc)
     return doc
 
 
@@ -150,19 +164,9 @@ def validate(doc: Any) -> None:
             "unknown_version",
             f"version {doc.get('version')!r}, this sidecar reads version {SNAPSHOT_VERSION}",
         )
-    process = doc.get("process")
-    if not isinstance(process, dict) or not isinstance(process.get("pid"), int):
-        raise Rejected("invalid", "process.pid missing")
-    _number(doc.get("written_at"), "written_at")
     if _number(doc.get("interval"), "interval") <= 0:
         raise Rejected("invalid", "interval must be positive")
-    pools = doc.get("pools")
-    if not isinstance(pools, list):
-        raise Rejected("invalid", "pools is not a list")
-    for i, pool in enumerate(pools):
-        where = f"pools[{i}]"
-        if not isinstance(pool, dict) or not isinstance(pool.get("pool"), str):
-            raise Rejected("invalid", f"{where}.pool missing")
+    for where, pool in _process_pools(doc):
         for name, value in _section(pool, "counters", where).items():
             _counter(value, f"{where}.counters[{name!r}]")
         for name, value in _section(pool, "gauges", where).items():
@@ -173,3 +177,44 @@ def validate(doc: Any) -> None:
         if not isinstance(holds, list) or not all(isinstance(h, dict) for h in holds):
             raise Rejected("invalid", f"{where}.holds is not a list of objects")
     _lock_histograms(doc.get("locks", {}))
+
+
+def _process_pools(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """What both documents share: a process with a pid, a `written_at`, a list of named
+    pools (each returned with its path, for the messages)."""
+    process = doc.get("process")
+    if not isinstance(process, dict) or not isinstance(process.get("pid"), int):
+        raise Rejected("invalid", "process.pid missing")
+    _number(doc.get("written_at"), "written_at")
+    pools = doc.get("pools")
+    if not isinstance(pools, list):
+        raise Rejected("invalid", "pools is not a list")
+    checked = []
+    for i, pool in enumerate(pools):
+        where = f"pools[{i}]"
+        if not isinstance(pool, dict) or not isinstance(pool.get("pool"), str):
+            raise Rejected("invalid", f"{where}.pool missing")
+        checked.append((where, pool))
+    return checked
+
+
+def validate_live(doc: Any) -> None:
+    """A live document (`snapshot.live_document`): what the hold list reads, or rejected.
+    Every hold needs a numeric `started_at`: the sidecar ages holds from it."""
+    if not isinstance(doc, dict):
+        raise Rejected("invalid", "not a JSON object")
+    if doc.get("version") != LIVE_VERSION or doc.get("kind") != "live":
+        raise Rejected(
+            "unknown_version",
+            f"live version {doc.get('version')!r} kind {doc.get('kind')!r}, this sidecar "
+            f"reads live version {LIVE_VERSION}",
+        )
+    for where, pool in _process_pools(doc):
+        threshold = pool.get("long_held_threshold")
+        if threshold is not None:
+            _number(threshold, f"{where}.long_held_threshold")
+        holds = pool.get("holds")
+        if not isinstance(holds, list) or not all(isinstance(h, dict) for h in holds):
+            raise Rejected("invalid", f"{where}.holds is not a list of objects")
+        for j, hold in enumerate(holds):
+            _number(hold.get("started_at"), f"{where}.holds[{j}].started_at")

@@ -11,6 +11,32 @@
     return m ? { key: m[2], dir: m[1] ? -1 : 1 } : { key: "age_s", dir: -1 };
   })();
   var lastHolds = [];
+  // Two loops. The full one (every refreshMs) asks /api/checkouts, which may wait for a
+  // fresh PostgreSQL poll, for the holds joined with the server. The fast one (every
+  // FAST_MS) asks for the holds only (?server=cached: no wait), so that an ended hold
+  // leaves the page within ~0.1 s of leaving the API; its rows keep the server columns
+  // of the last full response for the same hold (same process, start and backend).
+  var FAST_MS = 100;
+  var SERVER_KEYS = ["server_state", "server_xact_age_s", "wait_event", "wait_event_type",
+    "application_name", "lock_wait_s", "blocked_by", "server_unknown", "server_as_of",
+    "server_sample_age_s", "query"];
+  var serverRows = {};
+
+  function holdKey(h) {
+    var p = h.process || {};
+    return p.hostname + ":" + p.pid + "/" + h.started_at + "/" + h.backend_pid;
+  }
+
+  function withServer(rows) {
+    return rows.map(function (h) {
+      var s = serverRows[holdKey(h)];
+      if (!s) return h;
+      var out = {};
+      Object.keys(h).forEach(function (k) { out[k] = h[k]; });
+      SERVER_KEYS.forEach(function (k) { if (k in s) out[k] = s[k]; });
+      return out;
+    });
+  }
 
   function cell(row, text, cls) {
     var td = document.createElement("td");
@@ -78,10 +104,18 @@
     holds.forEach(function (h) {
       var tr = document.createElement("tr");
       tr.className = "hold" + (h.long_held ? " long" : "") +
-        ((h.blocked_by || []).length ? " blocked" : "");
+        ((h.blocked_by || []).length ? " blocked" : "") + (h.stale ? " stale" : "");
       if (h.backend_pid !== null) tr.setAttribute("data-backend-pid", h.backend_pid);
       cell(tr, h.pool);
-      cell(tr, seconds(h.age_s), "num");
+      // Ages are the sidecar's, as of the response. A hold its worker has not vouched for
+      // lately (stale) may have ended since: say as of when it was last known to be out.
+      var age = cell(tr, seconds(h.age_s), "num");
+      if (h.stale && typeof h.as_of === "number") {
+        var asOf = document.createElement("span");
+        asOf.className = "as-of";
+        asOf.textContent = " as of " + new Date(h.as_of * 1000).toLocaleTimeString();
+        age.appendChild(asOf);
+      }
       cell(tr, h.site, "site");
       cell(tr, h.task ? h.thread + " / " + h.task : h.thread);
       cell(tr, h.backend_pid, "num");
@@ -126,6 +160,8 @@
     Promise.all([getJSON("/api/pools"), getJSON("/api/checkouts")]).then(function (res) {
       renderStatus(res[0]);
       renderPools(res[0]);
+      serverRows = {};
+      res[1].forEach(function (h) { serverRows[holdKey(h)] = h; });
       lastHolds = res[1];
       renderHolds();
       document.body.setAttribute("data-state", "loaded");
@@ -138,6 +174,18 @@
     });
   }
 
+  function fastRefresh() {
+    getJSON("/api/checkouts?server=cached").then(function (rows) {
+      if (document.body.getAttribute("data-state") !== "loaded") return;
+      lastHolds = withServer(rows);
+      renderHolds();
+    }).catch(function () {
+      // the full loop reports failures
+    }).then(function () {
+      setTimeout(fastRefresh, FAST_MS);
+    });
+  }
+
   document.querySelectorAll("#holds th").forEach(function (th) {
     th.addEventListener("click", function () {
       var key = th.getAttribute("data-key");
@@ -147,4 +195,5 @@
     });
   });
   refresh();
+  fastRefresh();
 })();

@@ -259,10 +259,14 @@ async def shared_session_run(request: Request) -> JSONResponse:
         step_s=_number(data, "step_s", 0.05, 0.0, 1.0),
         heartbeat_s=_number(data, "heartbeat_s", 0.01, 0.001, 1.0),
     )
-    window = snapshots.delta(state.db.snapshot("worker"), before)
+    after = state.db.snapshot("worker")
+    window = snapshots.delta(after, before)
     return JSONResponse(
         {
             **asdict(result),
+            # A connection one thread checked out and another used: safe alone (a
+            # handoff), misuse once the threads take turns (cross-thread) or overlap.
+            "handoffs": after["internal"]["handoffs"] - before["internal"]["handoffs"],
             "cross_thread_uses": snapshots.total(window, snapshots.CROSS_THREAD),
             "concurrent_uses": snapshots.total(window, snapshots.CONCURRENT),
             "cross_thread_sites": {

@@ -248,14 +248,20 @@ def cluster(database_url: str) -> Iterator[Cluster]:
             if w.proc.poll() is None:
                 w.proc.kill()
                 w.proc.wait(10)
-        sidecar.send_signal(signal.SIGTERM)
-        try:
-            sidecar.wait(10)
-        except subprocess.TimeoutExpired:
-            sidecar.kill()
-        http.close()
-        log_file.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_sidecar(sidecar, http, log_file, tmp)
+
+
+def stop_sidecar(sidecar: subprocess.Popen[Any], http: httpx.Client, log_file: Any,
+                 tmp: Path) -> None:  # fmt: skip
+    """SIGTERM the sidecar (killed if it lingers) and clean up what the test made."""
+    sidecar.send_signal(signal.SIGTERM)
+    try:
+        sidecar.wait(10)
+    except subprocess.TimeoutExpired:
+        sidecar.kill()
+    http.close()
+    log_file.close()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _by_pid(cluster: Cluster) -> dict[int, dict[str, Any]]:
@@ -317,6 +323,7 @@ def test_idle_in_transaction_hold_is_joined_with_the_server(cluster: Cluster) ->
     assert metric(text, "pg_up") == 1
     assert (metric(text, "pg_max_connections") or 0) >= 10
     assert metric(text, "pg_reserved_connections") is not None
+
     # The hold's age comes from its worker's last snapshot and the server's from the
     # sidecar's own PostgreSQL poll: sampled at different moments, so wait for the row too.
     def row_old_enough() -> dict[str, Any] | None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -43,7 +42,7 @@ import pytest
 
 from demo_app.stack import libpq_dsn
 from monitor.sidecar import aggregate
-from tests.test_sidecar_e2e import _readline, free_port, wait_for
+from tests.test_sidecar_e2e import _readline, free_port, stop_sidecar, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLD_S = 1.0  # the long-hold worker's long_held_threshold
@@ -165,14 +164,7 @@ def _start(database_url: str, interval: float) -> Iterator[Live]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
-        sidecar.send_signal(signal.SIGTERM)
-        try:
-            sidecar.wait(10)
-        except subprocess.TimeoutExpired:
-            sidecar.kill()
-        http.close()
-        log_file.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_sidecar(sidecar, http, log_file, tmp)
 
 
 @pytest.fixture

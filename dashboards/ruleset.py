@@ -237,14 +237,20 @@ def alert_rules(cfg: Settings) -> list[Alert]:
         ),
         Alert(
             "PoolCrossThreadConnectionUse", pool_group,
+            # A site's series is born at its first use, with no zero sample before it:
+            # increase() cannot see that first use, so a series younger than the window
+            # with a value counts too.
             f'increase({s.m("sqlalchemy.pool.cross_thread_uses")}[10m]) '
-            f'> {n("cross_thread_uses")}',
-            f"Pool {POOL_L}: a connection was used from another thread at "
+            f'> {n("cross_thread_uses")} or ({s.m("sqlalchemy.pool.cross_thread_uses")} '
+            f'> {n("cross_thread_uses")} unless '
+            f'{s.m("sqlalchemy.pool.cross_thread_uses")} offset 10m)',
+            f"Pool {POOL_L}: two threads took turns on one connection at "
             f"{{{{ $labels.{s.SITE} }}}}",
-            "A statement ran on a connection from a thread other than the one that checked it "
-            "out: a Session or Connection is shared between threads. That corrupts "
-            "transactions and causes DetachedInstanceError. Give each thread its own session "
-            "(pass a sessionmaker, not a Session).",
+            "A thread used a connection again after another thread had used it in between: a "
+            "Session or Connection is shared between threads that run at the same time. That "
+            "corrupts transactions and causes DetachedInstanceError. Give each thread its own "
+            "session (pass a sessionmaker, not a Session). Handing a session on, one thread "
+            "after the other, is not reported.",
         ),
         Alert(
             "PostgresIdleInTransactionTooLong", pg_group,

@@ -96,7 +96,7 @@ PLAN = Plan(
     duplicate_users=5,
     payment_keys=16,
     payment_retries=3,
-    shared_session_runs=4,
+    shared_session_runs=8,  # enough turns taken to span several scrapes
     store_writes=400,
 )
 

@@ -30,6 +30,9 @@ from demo_app.models import Run
 
 SessionFactory = Callable[[], Session]
 LEASE = timedelta(seconds=120)
+#: Statements a pack step runs on the worker's session while it works: the heartbeat's
+#: statements land between them, on the connection the worker checked out.
+PACK_READS = 10
 
 
 @dataclass
@@ -125,9 +128,11 @@ def shared_process_run(
     heartbeat = HeartbeatThread(lambda: shared_send_heartbeat(session, run_id), heartbeat_s, errors)
     heartbeat.start()
     try:
-        for step in range(steps):  # execute_pack(run)
-            time.sleep(step_s)
+        for step in range(steps):  # execute_pack(run): reads while it works, then a commit
             try:
+                for _ in range(PACK_READS):
+                    session.execute(select(Run.progress).where(Run.run_id == run_id))
+                    time.sleep(step_s / PACK_READS)
                 run.progress = step + 1
                 session.commit()
             except Exception as exc:

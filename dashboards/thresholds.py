@@ -61,7 +61,7 @@ THRESHOLDS: tuple[Threshold, ...] = (
     Threshold("idle_in_use_min_held_connections", 0.5, "connections",
               "average connections held; below this the idle share is not alerted on"),
     Threshold("cross_thread_uses", 0, "uses per 10m",
-              "statements run from a thread other than the one that checked out"),
+              "uses of a connection by a thread coming back to it after another thread"),
     Threshold("pg_idle_in_transaction_seconds", 30, "seconds",
               "age of the oldest idle-in-transaction backend of one application"),
     Threshold("pg_connections_usage_ratio", 0.8, "ratio",

@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -89,13 +91,17 @@ def worker(mode: str, url: str, cycles: int, batches: int, depth: int) -> dict[s
     engine = sa.create_engine(url, pool_size=5, max_overflow=0)
     counts = {"empty": cycles, "handler": cycles, "select1": max(1, cycles // 5)}
     timers = {case: _timer(engine, case, counts[case], depth) for case in CASES}
-    modes = ("instrumented", "no_code_sites") if mode == "paired" else ("otel",)
+    modes = ("instrumented", "no_code_sites", "with_sidecar") if mode == "paired" else ("otel",)
     out: dict[str, dict[str, list[float]]] = {m: {c: [] for c in CASES}
                                               for m in ("bare", *modes)}  # fmt: skip
     for case in CASES:  # warm up: connections open, caches and specializations filled
         timers[case]()
     if mode == "paired":
-        settings = {"instrumented": {}, "no_code_sites": {"code_sites": False}}
+        from monitor.exporters import snapshot
+
+        snapshots = tempfile.mkdtemp(prefix="pool-monitor-bench-")
+        settings = {"instrumented": {}, "no_code_sites": {"code_sites": False},
+                    "with_sidecar": {"snapshot_dir": snapshots}}  # fmt: skip
         for _ in range(batches):
             for case in CASES:
                 out["bare"][case].append(timers[case]())
@@ -103,6 +109,8 @@ def worker(mode: str, url: str, cycles: int, batches: int, depth: int) -> dict[s
                     monitor.instrument(engine, pool_name="bench", **options)
                     out[name][case].append(timers[case]())
                     monitor.uninstrument(engine)
+                    if "snapshot_dir" in options:  # its thread and board: this mode's only
+                        snapshot.stop_all()
     else:
         for _ in range(batches):
             for case in CASES:
@@ -119,6 +127,8 @@ def worker(mode: str, url: str, cycles: int, batches: int, depth: int) -> dict[s
             for case in CASES:
                 out["otel"][case].append(timers[case]())
     engine.dispose()
+    if mode == "paired":
+        shutil.rmtree(snapshots, ignore_errors=True)
     return out
 
 
@@ -218,7 +228,8 @@ def report(result: dict[str, Any]) -> str:
             lines.append(f"{mode:<14}{case:<10}{value:>17.2f}{value - bare[case]:>+13.2f}"
                          f"{value / bare[case]:>8.2f}{spread:>9.2f}")  # fmt: skip
     lines.append(
-        "instrumented = default settings; no_code_sites = code_sites=False. "
+        "instrumented = default settings; no_code_sites = code_sites=False; "
+        "with_sidecar = snapshot_dir set (the snapshot thread runs, holds go on the board). "
         "handler: the empty cycle 100 lines into a function. "
         "select1 includes PostgreSQL round trips: read its IQR before its delta."
     )

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
 
+from monitor.exporters import board as boards
 from monitor.ledger import CONCURRENT, CROSS_THREAD, FOLD_LIMIT, Hold
 from monitor.naming import thread_labels, thread_name
 from monitor.poolpatch import returns_to_a_monitor
@@ -107,6 +108,8 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
     closed_append = closed.append
     enter_wait = ledger.waiting.append
     leave_wait = ledger.waiting.pop
+    board_cell = boards.current
+    serial = float(monitor.serial)
 
     def on_connect(dbapi_connection: Any, rec: Any) -> None:
         try:
@@ -149,6 +152,19 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
                                 current_task(loop) if loop else None,
                                 find_site(_getframe(1)) if code_sites else None,
                                 rec, rec.fairy_ref)  # fmt: skip
+                    board = board_cell[0]
+                    if board is not None:  # on the board before anyone can return it
+                        try:
+                            hold.slot = slot = board.free.pop()
+                        except IndexError:  # full: the live document still lists it
+                            pass
+                        else:
+                            view = board.view
+                            view[slot + 1] = serial
+                            view[slot] = now
+                            hold.board = board
+                            if slot > board.high_index:
+                                board.raise_high(slot)
                     if rec._ConnectionRecord__pool is not pool:
                         transferred(hold)
                     elif holds_setdefault(rec, hold) is not hold:
@@ -196,14 +212,36 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
             holds[hold.record] = hold
             _transferred[hold.record] = returned
         else:  # its return is invisible to us: count the checkout, open no hold
+            release(hold)
             with lock:
                 ledger.count_checkout(hold)
                 ledger.counters.untracked_checkouts += 1
 
     def end(hold: Hold, at: float) -> None:
         hold.end = at
+        if hold.board is not None:
+            release(hold)
         closed_append(hold)
         ended(hold, at)
+
+    def release(hold: Hold) -> None:
+        """Clear the hold's board slot (before the return completes) and free it."""
+        board = hold.board
+        if board is not None:
+            hold.board = None
+            board.view[hold.slot] = 0.0
+            board.free.append(hold.slot)
+
+    def release_all() -> None:
+        """Uninstrumented: the holds still out will return past us, so end their board
+        slots now. Each hold is popped first: whoever pops a hold ends it, once."""
+        try:
+            for rec in list(holds):
+                hold = holds_pop(rec, None)
+                if hold is not None:
+                    release(hold)
+        except Exception as exc:
+            swallow(monitor, "uninstrument", exc)
 
     def ended(hold: Hold, at: float) -> None:
         """What rarely follows a hold's end: folding when nobody else does (no watchdog?),
@@ -241,6 +279,10 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
                     returned(rec)
                 else:
                     hold.end = now = _perf()
+                    board = hold.board
+                    if board is not None:  # off the board before the record is free
+                        board.view[hold.slot] = 0.0
+                        board.free.append(hold.slot)
                     closed_append(hold)
                     if hold.alerted or len(closed) > FOLD_LIMIT:
                         ended(hold, now)
@@ -381,6 +423,7 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
         "wrap_connect": wrap_connect,
         "wrap_return": wrap_return,
         "detach": on_detach,
+        "release_all": release_all,
         "close": counting("close", "closes"),
         "close_detached": counting("close_detached", "closes"),
         "invalidate": counting("invalidate", "invalidations_hard"),

@@ -6,6 +6,7 @@ the snapshot files and the sidecar all read it, so they cannot disagree.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -38,6 +39,7 @@ long_held_log = logging.getLogger("monitor.long_held")
 
 _registry: weakref.WeakKeyDictionary[Engine, PoolMonitor] = weakref.WeakKeyDictionary()
 _registry_lock = threading.Lock()
+_serials = itertools.count(1)
 #: Called for every monitor, present and future (the OpenTelemetry bridges use it).
 _monitor_callbacks: list[Callable[[PoolMonitor], None]] = []
 
@@ -92,6 +94,9 @@ class PoolMonitor:
         self.settings = settings
         self.sites = SiteFinder(settings.site_exclude, settings.site_include)
         self.ledger = Ledger(settings.max_sites, self.sites.name)
+        # Unique in this process for its whole life (`id()` is reused): the documents'
+        # `monitor_id`, and what a board slot names its hold's pool by.
+        self.serial = next(_serials)
         self.active = False
         self._engine_ref = weakref.ref(engine)
         self.hooks = build_hooks(self)
@@ -137,6 +142,7 @@ class PoolMonitor:
 
     def _detach(self) -> None:
         self.active = False
+        self.hooks["release_all"]()  # their returns will not come to us any more
         for pool in list(self._pools):
             poolpatch.unpatch(pool)
             for name in POOL_EVENTS:
@@ -256,6 +262,7 @@ class PoolMonitor:
             "sql_time_s": sql,
             "executing": bool(hold.depth),
             "long_held": bool(threshold) and age >= threshold,
+            **({"board_slot": hold.slot, "started_mono": hold.start} if hold.board else {}),
         }
 
     def __repr__(self) -> str:

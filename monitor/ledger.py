@@ -36,9 +36,9 @@ FOLD_LIMIT = 20_000
 class Hold:
     """One checkout: who borrowed the connection, where, and how it is being used."""
 
-    __slots__ = ("alerted", "counted", "depth", "end", "exec_thread", "fairy_ref",
-                 "record", "shared", "site", "sql", "sql_t0", "start", "task_ref",
-                 "thread", "user", "users", "waited")  # fmt: skip
+    __slots__ = ("alerted", "board", "counted", "depth", "end", "exec_thread",
+                 "fairy_ref", "record", "shared", "site", "slot", "sql", "sql_t0", "start",
+                 "task_ref", "thread", "user", "users", "waited")  # fmt: skip
 
     def __init__(self, start: float, waited: float, thread: int, task: Any,
                  site: SiteKey | None, record: Any, fairy_ref: Any) -> None:  # fmt: skip
@@ -64,6 +64,9 @@ class Hold:
         self.counted = False  # its checkout is in the totals (folded while still out)
         self.alerted = False
         self.shared = False  # set once it changed hands: from then on, locked
+        # Its slot on the process's board (`monitor.exporters.board`), if it got one.
+        self.board: Any = None
+        self.slot = 0
 
     @property
     def task(self) -> Any:

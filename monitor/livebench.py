@@ -8,8 +8,10 @@ over a fixed window, as a percentage of one core. The writer here has an interva
 hour, so after its first full document (before the window) everything it does in the
 window is live-document work. Two windows: idle (an instrumented pool, nobody checking
 out) and under load (threads doing short checkouts back to back, so the set of holds
-changes all the time and every check writes). The application threads' own cost (the
-hooks) is what `pool-monitor bench` measures; it is unchanged by the live document.
+changes all the time and every check writes). The process has its board, as with a
+snapshot directory (the writer stamps its clock every check). The application threads'
+own cost (the hooks, including posting holds on the board) is what `pool-monitor bench`
+measures (`with_sidecar`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def measure(window: float = WINDOW_S, threads: int = 8, url: str | None = None) 
     import sqlalchemy as sa
 
     import monitor
-    from monitor.exporters import snapshot
+    from monitor.exporters import board, snapshot
 
     with tempfile.TemporaryDirectory(prefix="pool-monitor-livebench-") as tmp:
         engine = sa.create_engine(
@@ -49,6 +51,9 @@ def measure(window: float = WINDOW_S, threads: int = 8, url: str | None = None) 
         )
         monitor.instrument(engine, pool_name="livebench")
         writer = snapshot.SnapshotWriter(tmp, interval=3600.0)
+        own_board = board.current[0] is None  # (as `ensure_writer` would: the hooks post)
+        if own_board:
+            board.open_board(os.path.join(tmp, snapshot.board_file_name(snapshot.identity())))
         try:
             writer.start()
             deadline = time.monotonic() + 10
@@ -97,6 +102,8 @@ def measure(window: float = WINDOW_S, threads: int = 8, url: str | None = None) 
         finally:
             writer.stop(timeout=5)
             writer.remove_live()
+            if own_board:
+                board.close_current()
             monitor.uninstrument(engine)
             engine.dispose()
 

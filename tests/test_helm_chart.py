@@ -219,6 +219,7 @@ def test_app_start_wipes_stale_snapshots() -> None:
     assert command[:2] == ["/bin/sh", "-c"]
     assert "rm -f -- /run/pool-monitor/pool-monitor-*.json" in command[2]
     assert "/run/pool-monitor/pool-monitor-*.live " in command[2]
+    assert "/run/pool-monitor/pool-monitor-*.board;" in command[2]
     assert command[2].endswith('exec "$@"')
     assert app["args"][:2] == ["uvicorn", "demo_app.service:create_app"]
 

@@ -28,7 +28,7 @@ import pytest
 import sqlalchemy as sa
 
 import monitor
-from monitor.exporters import snapshot
+from monitor.exporters import board, snapshot
 from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,12 +90,14 @@ def test_document_and_file_name(tmp_path: Path, engine: sa.Engine) -> None:
     hold = seen[0]["holds"][0]
     assert hold["backend_pid"] is None  # sqlite has no server backend
     assert hold["site"].startswith("tests/test_snapshot.py:") and hold["age_s"] >= 0
-    names = sorted(os.listdir(out))  # the full document and the live one (same identity)
-    assert len(names) == 2, names
+    names = sorted(os.listdir(out))  # the full document, the board and the live document
+    assert len(names) == 3, names
     ident = snapshot.identity()
     host = socket.gethostname()
     assert names[0].startswith(f"pool-monitor-{host}-{os.getpid()}-")
-    assert names == [snapshot.file_name(ident), snapshot.live_file_name(ident)]
+    assert names == sorted(
+        [snapshot.file_name(ident), snapshot.live_file_name(ident), snapshot.board_file_name(ident)]
+    )
     doc = _docs(out)[0]
     assert doc["version"] == 1
     assert doc["process"] == {
@@ -151,7 +153,7 @@ def test_writes_are_atomic_for_a_concurrent_reader(tmp_path: Path, engine: sa.En
     # json.loads never raising above.
     assert reads > 10 and writer.writes > 5, (reads, writer.writes)
     assert sorted(os.listdir(tmp_path)) == sorted(  # no temp file left
-        [os.path.basename(writer.path), os.path.basename(writer.live_path)]
+        [os.path.basename(p) for p in (writer.path, writer.live_path, board.current[0].path)]
     )
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
-import itertools
 import json
 import logging
 import os
@@ -51,10 +50,9 @@ import socket
 import sys
 import threading
 import time
-import weakref
 from typing import Any
 
-from monitor.exporters import signals
+from monitor.exporters import board, signals
 
 SNAPSHOT_VERSION = 1
 PREFIX = "pool-monitor-"
@@ -74,14 +72,12 @@ PRUNE_EVERY_S = 60.0
 
 log = logging.getLogger("monitor.snapshot")
 
-_FILE_RE = re.compile(r"^\.?pool-monitor-.+\.(json|live)(\.tmp)?$")
+_FILE_RE = re.compile(r"^\.?pool-monitor-.+\.(json|live|board)(\.tmp)?$")
 
 _lock = threading.Lock()
 _writers: dict[str, SnapshotWriter] = {}
 _configured: dict[str, float] = {}  # directory -> interval, survives fork
 _identity: dict[str, Any] | None = None
-_serials: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
-_serial_counter = itertools.count(1)
 _write_errors = 0
 # Set by a fork in this process (as the parent): the next document takes each monitor's
 # checkout count as the baseline, and this process is "not serving" until one grows.
@@ -166,15 +162,16 @@ def live_file_name(ident: dict[str, Any]) -> str:
     return file_name(ident)[: -len(SUFFIX)] + LIVE_SUFFIX
 
 
+def board_file_name(ident: dict[str, Any]) -> str:
+    """The board's name (`monitor.exporters.board`): the full one's, ending in `.board`."""
+    return file_name(ident)[: -len(SUFFIX)] + board.BOARD_SUFFIX
+
+
 def _monitor_id(pm: Any) -> int:
-    """A number unique to this monitor object within the process: the sidecar tells a
-    pool that was uninstrumented and instrumented again (counters back at zero) from the
-    same series continuing. `id()` would do, except CPython reuses freed addresses."""
-    with _lock:
-        serial = _serials.get(pm)
-        if serial is None:
-            serial = _serials[pm] = next(_serial_counter)
-        return serial
+    """A number unique to this monitor object within the process (`PoolMonitor.serial`):
+    the sidecar tells a pool that was uninstrumented and instrumented again (counters back
+    at zero) from the same series continuing."""
+    return pm.serial
 
 
 def _pool_snapshot(pm: Any) -> dict[str, Any]:
@@ -374,6 +371,9 @@ class SnapshotWriter:
             # so this is what the file vouches for (its mtime), however long the write
             # then waits for the GIL.
             wall = time.time()
+            own = board.current[0]
+            if own is not None:
+                own.stamp_clock()
             state = live_holds()
             now = time.monotonic()
             if _same(state, self._live_state) and not (
@@ -398,10 +398,13 @@ class SnapshotWriter:
             return False
 
     def remove_live(self) -> None:
-        """At exit: the live document goes (the exit document says the process is gone;
-        a stale live file would only wait for the prune)."""
+        """At exit: the live document and the board go (the exit document says the process
+        is gone; stale files would only wait for the prune)."""
         with contextlib.suppress(OSError):
             os.unlink(self.live_path)
+        own = board.current[0]
+        if own is not None and os.path.dirname(own.path) == self.directory:
+            own.remove()
 
     def wake(self) -> None:
         """Write now rather than at the end of the interval."""
@@ -511,10 +514,11 @@ class SnapshotWriter:
             return 0
         self._next_prune = now + PRUNE_EVERY_S
         stale = now - max(60.0, 30 * self.interval)
-        own = (os.path.basename(self.path), os.path.basename(self.live_path))
+        ident = identity()
+        own = (file_name(ident), live_file_name(ident), board_file_name(ident))
         removed = 0
         try:
-            names = os.listdir(self.directory)
+            names = set(os.listdir(self.directory))
         except OSError:
             return 0
         for name in names:
@@ -522,7 +526,14 @@ class SnapshotWriter:
                 continue
             path = os.path.join(self.directory, name)
             try:
-                if os.stat(path).st_mtime < stale:
+                mtime = os.stat(path).st_mtime
+                if name.endswith(board.BOARD_SUFFIX):
+                    # Written through memory, its mtime is not kept up: the board lives
+                    # as long as its process's full document is rewritten.
+                    sibling = name[: -len(board.BOARD_SUFFIX)] + SUFFIX
+                    if sibling in names:
+                        mtime = max(mtime, os.stat(os.path.join(self.directory, sibling)).st_mtime)
+                if mtime < stale:
                     os.unlink(path)
                     removed += 1
             except OSError:
@@ -551,6 +562,8 @@ def ensure_writer(directory: str, interval: float) -> None:
             writer = SnapshotWriter(directory, _configured[directory])
             _writers[directory] = writer
             writer.start()
+            if board.current[0] is None:  # the first directory gets the process's board
+                board.open_board(os.path.join(directory, board_file_name(identity())))
         signals.install()
     except Exception as exc:  # pragma: no cover - defensive: never break instrument()
         _count_error()
@@ -589,12 +602,14 @@ def stop_all() -> None:
         _writers.clear()
         _configured.clear()
         _forked, _fork_baseline = False, None
+    board.close_current()
     signals.uninstall()
 
 
 def _after_fork_in_child() -> None:
     """A forked child is a new process: its own file, its own writer threads."""
     global _lock, _identity, _forked, _fork_baseline
+    board.forget_after_fork()
     _lock = threading.Lock()
     _identity = None
     _forked, _fork_baseline = False, None

@@ -134,6 +134,9 @@ class Process:
     live_doc: dict[str, Any] | None = None
     live_sig: files.Signature | None = None
     live_as_of: float = 0.0
+    #: its board (`monitor.exporters.board`), read right after the live document: which
+    #: holds are out, by the application threads' own word, as of its `read_at`.
+    board: files.BoardView | None = None
 
     def stale(self, now: float) -> bool:
         doc = self.doc
@@ -184,6 +187,7 @@ class Aggregator:
     _dir_error: str | None = None
     _scans: int = 0
     _live_rejected: dict[str, files.Signature] = field(default_factory=dict)
+    _board_rejected: set[str] = field(default_factory=set)
     _base: View = EMPTY  # the last full merge, holds not yet attached
 
     # -- reading the directory ------------------------------------------------------------
@@ -284,7 +288,7 @@ class Aggregator:
             if proc.live and (
                 proc.stale(now)
                 or (self._dir_error is None and proc.name not in seen)
-                or self.gone(proc.doc["process"])
+                or self._gone(proc)
             ):
                 proc.live, proc.dead_since = False, now
             if not proc.live and now - (proc.dead_since or now) > self.retain_dead_s:
@@ -296,13 +300,22 @@ class Aggregator:
 
     # -- live documents ---------------------------------------------------------------------
     def scan_live(self) -> View:
-        """Re-read only the live processes' small live documents and re-attach the holds to
-        the last full merge: the fast path (every `--live-scan-interval`). A process found
-        gone in the meantime gets a full scan, so its holds go at once."""
-        if any(p.live and self.gone(p.doc["process"]) for p in self.procs.values()):
+        """Re-read only the live processes' small live documents and boards, and re-attach
+        the holds to the last full merge: the fast path (every `--live-scan-interval`). A
+        process found gone in the meantime gets a full scan, so its holds go at once."""
+        if any(p.live and self._gone(p) for p in self.procs.values()):
             return self.scan()
         self._read_live()
+        if any(p.live and p.board is not None and p.board.gone for p in self.procs.values()):
+            return self.scan()
         return self._with_holds(self._base, self.clock())
+
+    def _gone(self, proc: Process) -> bool:
+        """Sure that the process is gone: by its pid (`gone`, same namespace only), or by
+        its board's lock, released by the kernel when the process ended (any namespace)."""
+        if proc.board is not None and proc.board.gone:
+            return True
+        return self.gone(proc.doc["process"])
 
     def _read_live(self) -> None:
         known = {files.live_name(name) for name in self.procs}
@@ -335,6 +348,27 @@ class Aggregator:
             self._live_rejected.pop(name, None)
             proc.live_doc, proc.live_sig = doc, sig
             proc.live_as_of = max(st.st_mtime, doc["written_at"])
+        for proc in self.procs.values():  # after the live documents: see `_board_holds`
+            proc.board = self._read_board(proc) if proc.live else None
+
+    def _read_board(self, proc: Process) -> files.BoardView | None:
+        """The process's board, or None (none: an older library, or gone at exit; a bad
+        one is logged and counted once, until it reads well again)."""
+        name = files.board_name(proc.name)
+        try:
+            view = files.read_board(os.path.join(self.directory, name), self.clock())
+            if view.pid != proc.doc["process"]["pid"]:
+                raise files.Rejected("invalid", "board of another process")
+        except files.Rejected as exc:
+            missing = exc.reason == "unreadable" and not os.path.lexists(
+                os.path.join(self.directory, name)
+            )
+            if not missing and name not in self._board_rejected:
+                self._board_rejected.add(name)
+                self._reject_live(name, exc)
+            return None
+        self._board_rejected.discard(name)
+        return view
 
     def _reject_live(self, name: str, exc: files.Rejected) -> None:
         self.errors[exc.reason] += 1
@@ -353,6 +387,8 @@ class Aggregator:
                 as_of, pools = proc.live_as_of, live["pools"]
             else:  # no live document (older library, or failing): the full one's holds
                 as_of, pools = proc.doc["written_at"], proc.doc["pools"]
+            if proc.board is not None:
+                pools = _board_holds(pools, proc.doc["pools"], proc.board)
             for pool in pools:
                 by_pool.setdefault(pool["pool"], []).extend(_holds(pool, process, as_of, now))
         out = []
@@ -464,8 +500,8 @@ def _holds(
     out = []
     for hold in pool.get("holds", []):
         row = {
-            **hold,
             "as_of": as_of,
+            **hold,
             "long_held_threshold": threshold,
             "pool": pool["pool"],
             "process": {"hostname": process.get("hostname"), "pid": process.get("pid")},
@@ -473,6 +509,45 @@ def _holds(
         row["age_s"] = hold_age(row, now)
         row["long_held"] = long_held(row, row["age_s"])
         out.append(row)
+    return out
+
+
+def _board_holds(
+    pools: list[dict[str, Any]], full_pools: list[dict[str, Any]], view: files.BoardView
+) -> list[dict[str, Any]]:
+    """The documents' holds checked against the board read after them (`view`).
+
+    A hold the document placed on the board is shown only while its slot still holds its
+    start, and is then vouched for as of the board's read (`as_of`), however late the
+    document: an ended hold goes at the next read. A slot taken by none of the document's
+    holds is a hold newer than the document: shown, aged exactly, its details `pending`
+    until the next live document. Holds off the board (none free, or an older library)
+    keep the document's word."""
+    slots = dict(view.slots)
+    out = []
+    for pool in pools:
+        serial = pool.get("monitor_id")
+        holds = []
+        for hold in pool.get("holds", []):
+            slot, start = hold.get("board_slot"), hold.get("started_mono")
+            if not isinstance(slot, int) or not isinstance(start, float):
+                holds.append(hold)
+            elif slots.get(slot) == (start, serial):
+                del slots[slot]
+                holds.append({**hold, "as_of": view.read_at})
+        out.append({**pool, "holds": holds})
+    by_serial = {p.get("monitor_id"): p for p in out}
+    names = {p.get("monitor_id"): p for p in full_pools}
+    for slot, (start, serial) in sorted(slots.items()):
+        pool = by_serial.get(serial)
+        if pool is None and serial in names:  # no live entry yet: a pool with no holds
+            threshold = (names[serial].get("settings") or {}).get("long_held_threshold")
+            pool = by_serial[serial] = {"pool": names[serial]["pool"], "monitor_id": serial,
+                                        "long_held_threshold": threshold, "holds": []}  # fmt: skip
+            out.append(pool)
+        if pool is not None:  # (a slot of an engine not in any document yet: next read)
+            pool["holds"].append({"started_at": start + view.wall_offset, "pending": True,
+                                  "board_slot": slot, "as_of": view.read_at})  # fmt: skip
     return out
 
 

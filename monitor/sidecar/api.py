@@ -278,6 +278,9 @@ def checkouts(
             "started_at": _hold_start(hold, view.scanned_at),
             "as_of": hold.get("as_of"),
             "stale": _stale(hold, now),
+            # On the worker's board, newer than its last live document: out, and aged
+            # exactly, but where and by whom arrives with the next document.
+            "pending": bool(hold.get("pending")),
             "process": hold.get("process"),
         }
         if show_query_text:

@@ -9,15 +9,18 @@ document would make the merged counters wrong, which is worse than missing.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from monitor.catalogue import SECONDS_BUCKETS
+from monitor.exporters import board
 from monitor.exporters.snapshot import LIVE_SUFFIX, LIVE_VERSION, PREFIX, SNAPSHOT_VERSION, SUFFIX
 
 #: Default largest file read, bytes (a file with 64 pools of 1000 holds is ~25 MB: no).
@@ -63,6 +66,81 @@ def is_snapshot_name(name: str) -> bool:
 def live_name(name: str) -> str:
     """The live document's file name for the full document's `name` (same identity)."""
     return name[: -len(SUFFIX)] + LIVE_SUFFIX
+
+
+def board_name(name: str) -> str:
+    """The board's file name for the full document's `name` (`monitor.exporters.board`)."""
+    return name[: -len(SUFFIX)] + board.BOARD_SUFFIX
+
+
+@dataclass(frozen=True)
+class BoardView:
+    """One read of a process's board: the holds out at `read_at` (this reader's wall
+    clock, taken before reading), as {slot: (start by the worker's monotonic clock,
+    monitor serial)} (a slot is the index of its start in the board seen as doubles, as
+    the documents' `board_slot` says); `wall_offset` (wall = monotonic + offset); and
+    `gone`: its process holds its lock no more (exited or killed), by the kernel's word."""
+
+    pid: int
+    read_at: float
+    wall_offset: float
+    slots: dict[int, tuple[float, int]]
+    gone: bool = False
+
+
+def read_board(path: str, read_at: float) -> BoardView:
+    """Read a board (`monitor.exporters.board`); raise `Rejected`. Only a regular file is
+    opened (never a FIFO or device: `O_NONBLOCK`, then checked), and only the header and
+    the slots it says were ever used are read: a few hundred bytes for a normal pool."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise Rejected("unreadable", str(exc)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Rejected("invalid", "board is not a regular file")
+        if st.st_size != board.SIZE:
+            raise Rejected("invalid", f"board is {st.st_size} bytes, not {board.SIZE}")
+        head = os.pread(fd, board.HEADER, 0)
+        if len(head) < board.HEAD.size:
+            raise Rejected("truncated", "board header cut short")
+        magic, version, slots, high, pid, mono, wall, flags = board.HEAD.unpack_from(head)
+        if magic != board.MAGIC:
+            raise Rejected("invalid", "not a board (magic)")
+        if version != board.VERSION:
+            raise Rejected("unknown_version", f"board version {version}, this sidecar "
+                           f"reads version {board.VERSION}")  # fmt: skip
+        if slots != board.SLOTS or high > slots:
+            raise Rejected("invalid", f"board says {high} of {slots} slots")
+        if not (math.isfinite(mono) and math.isfinite(wall)):
+            raise Rejected("invalid", "board clock is not finite")
+        raw = os.pread(fd, high * board.SLOT.size, board.HEADER) if high else b""
+        gone = bool(flags & board.LOCKED) and _unlocked(fd)
+    except OSError as exc:
+        raise Rejected("unreadable", str(exc)) from None
+    finally:
+        os.close(fd)
+    taken: dict[int, tuple[float, int]] = {}
+    index = board.FIRST
+    for start, serial in board.SLOT.iter_unpack(raw[: len(raw) - len(raw) % board.SLOT.size]):
+        # A start and a serial (a whole number) or nothing; NaN fails every comparison.
+        if start > 0.0 and math.isfinite(start) and 1 <= serial < 2**53 and serial.is_integer():
+            taken[index] = (start, int(serial))
+        index += 2
+    return BoardView(pid, read_at, wall - mono, taken, gone)
+
+
+def _unlocked(fd: int) -> bool:
+    """Whether nobody holds the board's exclusive lock: its process is gone."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # no locks on this volume after all: cannot tell
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
 
 
 def signature(st: os.stat_result) -> Signature:

@@ -26,7 +26,7 @@ counter goes down. Only pool-monitor's own file names are touched.
 {{- $dir := .Values.snapshots.mountPath -}}
 - /bin/sh
 - -c
-- 'rm -f -- {{ $dir }}/pool-monitor-*.json {{ $dir }}/.pool-monitor-*.json.tmp {{ $dir }}/pool-monitor-*.live {{ $dir }}/.pool-monitor-*.live.tmp; exec "$@"'
+- 'rm -f -- {{ $dir }}/pool-monitor-*.json {{ $dir }}/.pool-monitor-*.json.tmp {{ $dir }}/pool-monitor-*.live {{ $dir }}/.pool-monitor-*.live.tmp {{ $dir }}/pool-monitor-*.board; exec "$@"'
 - pool-monitor-start
 {{- end -}}
 

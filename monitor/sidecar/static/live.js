@@ -116,7 +116,7 @@
         asOf.textContent = " as of " + new Date(h.as_of * 1000).toLocaleTimeString();
         age.appendChild(asOf);
       }
-      cell(tr, h.site, "site");
+      cell(tr, h.pending ? "(details pending)" : h.site, "site");
       cell(tr, h.task ? h.thread + " / " + h.task : h.thread);
       cell(tr, h.backend_pid, "num");
       // A server row is shown only when it describes this hold; else why not (hover).

@@ -87,8 +87,11 @@ class Recording:
 
 def _histogram_rules(otel_name: str, key: tuple[str, ...]) -> list[Recording]:
     rate = bucket_rate_name(otel_name)
-    rules = [Recording(rate, f"sum by ({_by((*key, 'le'))}) "
-                             f"(rate({s.bucket(otel_name)}[{RATE_WINDOW}]))")]
+    rules = [
+        Recording(
+            rate, f"sum by ({_by((*key, 'le'))}) (rate({s.bucket(otel_name)}[{RATE_WINDOW}]))"
+        )
+    ]
     rules += [
         Recording(quantile_name(otel_name), f"histogram_quantile({q}, {rate})", {"quantile": q})
         for q in QUANTILES[otel_name]
@@ -104,32 +107,44 @@ def recording_rules() -> list[Recording]:
     rules = [
         # Per process: a pool lives in one process, so averaging replicas would hide one
         # that has run dry. `> 0` drops pools without a fixed size (NullPool, StaticPool).
-        Recording(SATURATION, f"{used} / ignoring({s.STATE_LABEL}) "
-                              f'({s.m("db.client.connection.max")} > 0)'),
+        Recording(
+            SATURATION,
+            f"{used} / ignoring({s.STATE_LABEL}) ({s.m('db.client.connection.max')} > 0)",
+        ),
     ]
     for name in (WAIT, USE, CREATE):
         rules += _histogram_rules(name, SERVICE_POOL)
     rules += [
-        Recording(SQL_RATE, f"sum by ({key}) "
-                            f'(rate({s.m("sqlalchemy.pool.sql_time")}[{RATE_WINDOW}]))'),
-        Recording(IDLE_RATE, f"sum by ({key}) "
-                             f'(rate({s.m("sqlalchemy.pool.idle_in_use_time")}[{RATE_WINDOW}]))'),
+        Recording(
+            SQL_RATE, f"sum by ({key}) (rate({s.m('sqlalchemy.pool.sql_time')}[{RATE_WINDOW}]))"
+        ),
+        Recording(
+            IDLE_RATE,
+            f"sum by ({key}) (rate({s.m('sqlalchemy.pool.idle_in_use_time')}[{RATE_WINDOW}]))",
+        ),
         # Connection-seconds held per second = connections held on average.
         Recording(HOLD_RATE, f"{SQL_RATE} + {IDLE_RATE}"),
         Recording(IDLE_SHARE, f"{IDLE_RATE} / ({HOLD_RATE} > 0)"),
-        Recording(SITE_USE_RATE, f"sum by ({site_key}) "
-                                 f'(rate({s.m("sqlalchemy.pool.site_use_time")}[{RATE_WINDOW}]))'),
-        Recording(SITE_IDLE_RATE,
-                  f"sum by ({site_key}) "
-                  f'(rate({s.m("sqlalchemy.pool.site_idle_in_use_time")}[{RATE_WINDOW}]))'),
+        Recording(
+            SITE_USE_RATE,
+            f"sum by ({site_key}) (rate({s.m('sqlalchemy.pool.site_use_time')}[{RATE_WINDOW}]))",
+        ),
+        Recording(
+            SITE_IDLE_RATE,
+            f"sum by ({site_key}) "
+            f"(rate({s.m('sqlalchemy.pool.site_idle_in_use_time')}[{RATE_WINDOW}]))",
+        ),
     ]
     for name in (LOCK_WAIT, LOCK_HOLD):
         rules += _histogram_rules(name, SERVICE_LOCK)
     rules.append(
         # Per collector: the backends it sees against the connections ordinary roles may
         # open. Several sidecars watching one server each compute the same ratio.
-        Recording(PG_USAGE, f"sum without ({s.APPLICATION}, {s.PG_STATE}) (pg_app_backends) "
-                            "/ (pg_max_connections - pg_reserved_connections > 0)")
+        Recording(
+            PG_USAGE,
+            f"sum without ({s.APPLICATION}, {s.PG_STATE}) (pg_app_backends) "
+            "/ (pg_max_connections - pg_reserved_connections > 0)",
+        )
     )
     return rules
 
@@ -167,8 +182,11 @@ def alert_rules(cfg: Settings) -> list[Alert]:
     t = cfg.thresholds
     n = cfg.number
     f = cfg.for_
-    pool_group, pg_group, self_group = "pool-monitor.pool", "pool-monitor.postgresql", (
-        "pool-monitor.self")
+    pool_group, pg_group, self_group = (
+        "pool-monitor.pool",
+        "pool-monitor.postgresql",
+        ("pool-monitor.self"),
+    )
     return [
         Alert(
             "PoolSaturated", pool_group,
@@ -291,6 +309,16 @@ def alert_rules(cfg: Settings) -> list[Alert]:
             "application kept working, but the pool's numbers may now be wrong. The "
             "application log has the traceback (logged once); please report it.",
         ),
+        Alert(
+            "PoolMonitorSidecarScanStale", self_group,
+            f'{s.SIDECAR_SCAN_AGE} > {n("sidecar_scan_age_seconds")}',
+            f"pool-monitor sidecar on {INSTANCE_L} has not scanned its snapshots for "
+            "{{ $value | humanizeDuration }}",
+            "The sidecar's scan of the snapshot directory keeps failing or hangs (a file it "
+            "cannot read, a stuck volume): every pool's numbers and live holds on this pod "
+            "are frozen at the last good scan, and /readyz fails. The sidecar's log says why "
+            "(once per streak); pool_monitor_sidecar_scan_errors_total counts the failures.",
+        ),
     ]  # fmt: skip
 
 
@@ -310,17 +338,19 @@ def rule_groups(
     for a in alert_rules(cfg):
         if a.alert in cfg.disabled:
             continue
-        alerts_by_group.setdefault(a.group, []).append({
-            "alert": a.alert,
-            "expr": a.expr,
-            "for": cfg.for_[a.alert],
-            "labels": {"severity": cfg.severity[a.alert]},
-            "annotations": {
-                "summary": a.summary,
-                "description": a.description,
-                "runbook_url": f"{runbook_base_url}#{a.alert.lower()}",
-            },
-        })
+        alerts_by_group.setdefault(a.group, []).append(
+            {
+                "alert": a.alert,
+                "expr": a.expr,
+                "for": cfg.for_[a.alert],
+                "labels": {"severity": cfg.severity[a.alert]},
+                "annotations": {
+                    "summary": a.summary,
+                    "description": a.description,
+                    "runbook_url": f"{runbook_base_url}#{a.alert.lower()}",
+                },
+            }
+        )
     return {
         "recording.yml": {"groups": [{
             "name": "pool-monitor.recording",
@@ -361,4 +391,3 @@ def render_rules(
     cfg = resolve(thresholds, for_, severity, disabled)
     return {name: HEADER + to_yaml(doc)
             for name, doc in rule_groups(cfg, runbook_base_url).items()}  # fmt: skip
-

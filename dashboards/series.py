@@ -40,6 +40,8 @@ PG_STATE = "state"
 
 #: The sidecar's own failure counter (reading worker snapshots).
 SNAPSHOT_ERRORS = "pool_monitor_snapshot_errors_total"
+#: The sidecar's own health, read by the alert on a stuck or failing scan.
+SIDECAR_SCAN_AGE = "pool_monitor_sidecar_last_scan_age_seconds"
 
 _HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
@@ -70,4 +72,9 @@ def catalogue_series() -> frozenset[str]:
 
 def allowed_metric_names(recording_rules: Iterable[str] = ()) -> frozenset[str]:
     """Catalogue series + sidecar PostgreSQL series + snapshot errors + our recordings."""
-    return catalogue_series() | set(PG_SERIES) | {SNAPSHOT_ERRORS} | set(recording_rules)
+    return (
+        catalogue_series()
+        | set(PG_SERIES)
+        | {SNAPSHOT_ERRORS, SIDECAR_SCAN_AGE}
+        | set(recording_rules)
+    )

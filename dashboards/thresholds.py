@@ -68,6 +68,8 @@ THRESHOLDS: tuple[Threshold, ...] = (
               "client backends / (max_connections - reserved connections)"),
     Threshold("monitor_errors", 0, "errors per 10m",
               "exceptions swallowed inside pool-monitor's hooks"),
+    Threshold("sidecar_scan_age_seconds", 30, "seconds",
+              "time since the sidecar last scanned the snapshot directory successfully"),
 )  # fmt: skip
 
 ALERTS: tuple[AlertDefaults, ...] = (
@@ -85,6 +87,7 @@ ALERTS: tuple[AlertDefaults, ...] = (
                   ("pg_connections_usage_ratio",)),
     AlertDefaults("PostgresCollectorDown", "2m", "warning", ()),
     AlertDefaults("PoolMonitorErrors", "1m", "warning", ("monitor_errors",)),
+    AlertDefaults("PoolMonitorSidecarScanStale", "1m", "warning", ("sidecar_scan_age_seconds",)),
 )  # fmt: skip
 
 THRESHOLD_BY_NAME: dict[str, Threshold] = {t.name: t for t in THRESHOLDS}
@@ -150,16 +153,16 @@ def resolve(
         if THRESHOLD_BY_NAME[name].unit == "ratio" and value > 1:
             raise OverrideError(f"threshold {name!r} is a ratio in [0, 1], got {value!r}")
     for name, value in for_.items():
-        if not is_template(value) and not (isinstance(value, str) and _DURATION.match(value)
-                                           and value):
+        if not is_template(value) and not (
+            isinstance(value, str) and _DURATION.match(value) and value
+        ):
             raise OverrideError(
                 f"'for' of alert {name!r} must be a Prometheus duration like '5m', got {value!r}"
             )
     for name, value in severity.items():
         if not is_template(value) and value not in SEVERITIES:
             raise OverrideError(
-                f"severity of alert {name!r} must be one of {', '.join(SEVERITIES)}, "
-                f"got {value!r}"
+                f"severity of alert {name!r} must be one of {', '.join(SEVERITIES)}, got {value!r}"
             )
     return Settings(
         thresholds={t.name: thresholds.get(t.name, t.default) for t in THRESHOLDS},
@@ -172,9 +175,7 @@ def resolve(
 def _unknown(kind: str, given: Iterable[str], known: Mapping[str, object]) -> None:
     bad = sorted(set(given) - set(known))
     if bad:
-        raise OverrideError(
-            f"unknown {kind} name(s) {', '.join(bad)}; known: {', '.join(known)}"
-        )
+        raise OverrideError(f"unknown {kind} name(s) {', '.join(bad)}; known: {', '.join(known)}")
 
 
 def defaults_table() -> str:

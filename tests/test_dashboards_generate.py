@@ -21,7 +21,7 @@ from dashboards.__main__ import stale_files
 from dashboards.inventory import dashboard_expressions, panels, rule_expressions, variable_queries
 from dashboards.promql import label_values_metric, metric_names, substitute
 from dashboards.ruleset import recording_names, render_rules
-from dashboards.series import PG_SERIES, SNAPSHOT_ERRORS, allowed_metric_names
+from dashboards.series import PG_SERIES, SIDECAR_SCAN_AGE, SNAPSHOT_ERRORS, allowed_metric_names
 from dashboards.thresholds import ALERTS, THRESHOLDS, OverrideError, defaults_table
 from dashboards.writer import TABLE_BEGIN, TABLE_END, expected_files, with_thresholds_table
 from monitor.catalogue import METRICS
@@ -271,8 +271,8 @@ def test_allowed_set_is_catalogue_plus_sidecar_plus_recordings() -> None:
     assert "db_client_connection_wait_time_seconds" not in names  # only the expanded series
     assert "sqlalchemy_pool_checkouts_total" in names
     assert "db_client_connection_idle_min" not in names  # semconv has it; we do not export it
-    assert set(PG_SERIES) | {SNAPSHOT_ERRORS} <= names
-    assert len(names) == sum(3 if m.kind == "histogram" else 1 for m in METRICS) + 9
+    assert set(PG_SERIES) | {SNAPSHOT_ERRORS, SIDECAR_SCAN_AGE} <= names
+    assert len(names) == sum(3 if m.kind == "histogram" else 1 for m in METRICS) + 10
     assert "pool:db_client_connection_saturation:ratio" not in names
     assert "pool:db_client_connection_saturation:ratio" in ALLOWED
 
@@ -316,6 +316,7 @@ def test_every_alert_has_for_severity_and_annotations() -> None:
         "PoolWaitTimeP95High", "PoolLongHeldConnections", "PoolHoldTimeMostlyIdle",
         "PoolCrossThreadConnectionUse", "PostgresIdleInTransactionTooLong",
         "PostgresConnectionsNearLimit", "PostgresCollectorDown", "PoolMonitorErrors",
+        "PoolMonitorSidecarScanStale",
     ]  # fmt: skip
     for name, rule in alerts.items():
         assert re.fullmatch(r"\d+[smh]", rule["for"]), name

@@ -192,7 +192,7 @@ ALLOWED_FIRING = {
     ("PoolPendingRequestsSustained", "worker"): "checkouts opening new connections",
 }
 #: Alerts that must never become even pending: nothing in the demo may trip them.
-QUIET = ("PoolMonitorErrors", "PostgresCollectorDown")
+QUIET = ("PoolMonitorErrors", "PostgresCollectorDown", "PoolMonitorSidecarScanStale")
 #: Cross-thread use may only be reported at the shared-session anti-pattern's own sites.
 CROSS_THREAD_SITE = re.compile(r"^demo_app/scenarios/shared_session\.py:\d+:shared_")
 

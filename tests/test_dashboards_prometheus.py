@@ -251,7 +251,7 @@ def test_every_rule_evaluates_without_error(env: Env) -> None:
         return rules if done and rules else None
 
     rules = prom.wait_for(evaluated, "every rule to be evaluated", timeout=20)
-    assert len(rules) == 37
+    assert len(rules) == 38
     assert {r["name"]: (r["health"], r.get("lastError", "")) for r in rules
             if r["health"] != "ok"} == {}  # fmt: skip
     for expression in rule_expressions(render_rules()):

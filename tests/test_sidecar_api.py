@@ -84,7 +84,7 @@ async def client(snapshot_dir: Path, tmp_path: Path) -> AsyncIterator[Client]:
         sidecar.scan()
         http = httpx.AsyncClient(
             transport=httpx.ASGITransport(create_app(sidecar, manage=False)),
-            base_url="http://sidecar",
+            base_url="http://127.0.0.1",  # a loopback Host: see test_sidecar_auth
         )
         clients.append(http)
         return await http.request(method, path, **kwargs)

@@ -113,7 +113,7 @@ def setup(database_url: str, tmp_path: Path) -> Iterator[Setup]:
 
 def _client(sidecar: Sidecar) -> httpx.AsyncClient:
     return httpx.AsyncClient(
-        transport=httpx.ASGITransport(create_app(sidecar, manage=False)), base_url="http://s"
+        transport=httpx.ASGITransport(create_app(sidecar, manage=False)), base_url="http://[::1]"
     )
 
 

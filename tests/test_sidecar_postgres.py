@@ -81,7 +81,7 @@ async def test_bad_dsn_keeps_serving_and_says_why(
         while sidecar.pg.errors < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         transport = httpx.ASGITransport(create_app(sidecar, manage=False))
-        async with httpx.AsyncClient(transport=transport, base_url="http://s") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
             metrics = await http.get("/metrics")
             pools = (await http.get("/api/pools")).json()
             ready = await http.get("/readyz")

@@ -56,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from monitor.catalogue import OTHER_SITE
 from monitor.exporters import snapshot
 from monitor.sidecar import files, merge
 
@@ -74,6 +75,16 @@ STALE_AFTER_S = 0.5
 #: The live document wins over the full one unless the full one is newer by more than
 #: this (both come from one thread, the full one a moment before the live check).
 LIVE_TOLERANCE_S = 0.05
+
+#: Bounds on what the sidecar keeps (see the sidecar README, "Bounds"): processes known at
+#: once (files beyond are rejected and counted), dead processes kept whole before their
+#: counters are folded into the retained totals early, pool names in the retained totals
+#: (beyond: `RETIRED_POOL`), code sites per pool (beyond: `other`; `--max-sites`).
+MAX_PROCESSES = 512
+MAX_DEAD = 64
+MAX_RETAINED_POOLS = 256
+RETIRED_POOL = "(retired)"
+DEFAULT_MAX_SITES = 200
 
 _own_namespace: dict[str, str] | None = snapshot.pid_namespace()
 
@@ -188,6 +199,9 @@ class Aggregator:
     _scans: int = 0
     _live_rejected: dict[str, files.Signature] = field(default_factory=dict)
     _board_rejected: set[str] = field(default_factory=set)
+    #: per pool name, the code sites with their own series (`files.fold_sites`)
+    _sites: dict[str, set[str]] = field(default_factory=dict)
+    max_sites: int = DEFAULT_MAX_SITES
     _base: View = EMPTY  # the last full merge, holds not yet attached
 
     # -- reading the directory ------------------------------------------------------------
@@ -218,6 +232,8 @@ class Aggregator:
         )
 
     def _accept(self, name: str, sig: files.Signature, doc: dict[str, Any]) -> None:
+        for pool in doc["pools"]:
+            files.fold_sites(pool, self._sites.setdefault(pool["pool"], set()), self.max_sites)
         proc = self.procs.get(name)
         if proc is None:
             if self._forgotten.pop(name, None) is not None:
@@ -244,6 +260,27 @@ class Aggregator:
             log.info("process of %s is writing again", name)
             proc.live, proc.dead_since = True, None
 
+    def _bound_retained(self) -> None:
+        """At most `MAX_RETAINED_POOLS` pool names in the retained totals: beyond, the
+        longest-retained names that no known process has any more are added into one
+        `RETIRED_POOL` series. Every total stays in some series, so a sum over pools never
+        goes down; the retired names' own series end (Prometheus sees them stop, not
+        reset), and 6,000 short-lived workers with distinct pool names leave a bounded
+        number of series."""
+        excess = len(self._compacted) - MAX_RETAINED_POOLS
+        if excess <= 0:
+            return
+        in_use = {pool["pool"] for proc in self.procs.values() for pool in proc.doc["pools"]}
+        for name in [n for n in self._compacted if n not in in_use and n != RETIRED_POOL]:
+            if excess <= 0:
+                break
+            merge.add_totals(
+                self._compacted.setdefault(RETIRED_POOL, merge.totals()),
+                _without_sites(self._compacted.pop(name)),
+            )
+            self._sites.pop(name, None)
+            excess -= 1
+
     def _compact(self, proc: Process, file_exists: bool) -> None:
         for key, pool in _series(proc.doc).items():
             merge.add_totals(self._compacted.setdefault(key[0], merge.totals()), pool)
@@ -260,7 +297,7 @@ class Aggregator:
         for name in self._list():
             path = os.path.join(self.directory, name)
             try:
-                st = os.stat(path)
+                st = os.lstat(path)  # (a symlink's own signature: `files.read` refuses it)
             except OSError:
                 continue
             seen.add(name)
@@ -273,7 +310,9 @@ class Aggregator:
             ):
                 continue
             try:
-                doc = files.read(path, st.st_size, self.max_bytes)
+                if proc is None and len(self.procs) >= MAX_PROCESSES:
+                    raise files.Rejected("invalid", f"more than {MAX_PROCESSES} processes")
+                doc = files.read(path, self.max_bytes)
             except files.Rejected as exc:
                 self._reject(name, sig, exc)
                 continue
@@ -293,6 +332,11 @@ class Aggregator:
                 proc.live, proc.dead_since = False, now
             if not proc.live and now - (proc.dead_since or now) > self.retain_dead_s:
                 self._compact(proc, proc.name in seen)
+        dead = sorted((p for p in self.procs.values() if not p.live),
+                      key=lambda p: p.dead_since or 0.0)  # fmt: skip
+        for proc in dead[: max(0, len(dead) - MAX_DEAD)]:  # churn: fold the oldest early
+            self._compact(proc, proc.name in seen)
+        self._bound_retained()
         self._scans += 1
         self._read_live()
         self._base = self._view(now, started)
@@ -327,7 +371,7 @@ class Aggregator:
             name = files.live_name(proc.name)
             path = os.path.join(self.directory, name)
             try:
-                st = os.stat(path)
+                st = os.lstat(path)
             except OSError:
                 if proc.live_doc is not None:  # it had one: the worker removes it at exit,
                     # so its holds are over (never fall back to the older full document's)
@@ -338,7 +382,7 @@ class Aggregator:
             if sig == proc.live_sig or self._live_rejected.get(name) == sig:
                 continue
             try:
-                doc = files.read(path, st.st_size, self.max_bytes, files.validate_live)
+                doc = files.read(path, self.max_bytes, "live")
                 if doc["process"].get("pid") != proc.doc["process"]["pid"]:
                     raise files.Rejected("invalid", "live document of another process")
             except files.Rejected as exc:
@@ -443,6 +487,18 @@ class Aggregator:
             self._dir_error,
             self._scans,
         )
+
+
+def _without_sites(totals: dict[str, Any]) -> dict[str, Any]:
+    """A retired pool's totals with every code site added into `other` (the retired
+    series must not carry the union of every retired pool's sites)."""
+    counters = {
+        name: ({OTHER_SITE: sum(value.values())} if name in files.SITE_COUNTERS else value)
+        if isinstance(value, dict)
+        else value
+        for name, value in totals["counters"].items()
+    }
+    return {**totals, "counters": counters}
 
 
 def _series(doc: dict[str, Any]) -> dict[tuple[str, Any], dict[str, Any]]:

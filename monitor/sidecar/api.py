@@ -215,14 +215,34 @@ def _aged(value: float | None, since: float | None, now: float) -> float | None:
     return None if value is None or since is None else value + max(0.0, now - since)
 
 
+#: `/api/checkouts?limit=`: its default and largest value.
+CHECKOUTS_LIMIT = 500
+CHECKOUTS_MAX_LIMIT = 5000
+
+
+def checkouts_limit(raw: str | None) -> int:
+    """The `limit` query parameter: a whole number from 1 to `CHECKOUTS_MAX_LIMIT`."""
+    if raw is None:
+        return CHECKOUTS_LIMIT
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= CHECKOUTS_MAX_LIMIT:
+        raise ValueError(f"limit must be a whole number from 1 to {CHECKOUTS_MAX_LIMIT}")
+    return limit
+
+
 def checkouts(
     view: View,
     pg: PgView,
     show_query_text: bool = False,
     now: float | None = None,
     max_sample_age: float = MAX_SAMPLE_AGE_S,
+    limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """`/api/checkouts`: one object per live hold, oldest first.
+    """`/api/checkouts`: one object per live hold, oldest first, at most `limit` of them
+    (sorted and cut here: the answer's size is bounded however many holds there are).
 
     Ages are as of `now` (the request), not as of the last scan or poll, so the
     application's and the server's ages of one connection compare directly. Server
@@ -242,7 +262,7 @@ def checkouts(
         if isinstance(hold.get("backend_pid"), int):
             by_pid.setdefault(hold["backend_pid"], []).append(hold)
     out = []
-    for hold in holds:
+    for hold in holds[:limit]:
         pid = hold.get("backend_pid")
         candidate = pg.backends.get(pid) if isinstance(pid, int) else None
         unknown = (

@@ -27,7 +27,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from monitor.sidecar import api
-from monitor.sidecar.auth import COOKIE
+from monitor.sidecar.auth import COOKIE, cookie_value
 from monitor.sidecar.runtime import Sidecar
 
 STATIC = Path(__file__).with_name("static")
@@ -91,7 +91,9 @@ def create_app(sidecar: Sidecar, manage: bool = True) -> Starlette:
 
     def refused(request: Request, page_request: bool) -> Response | None:
         cookie = request.cookies.get(COOKIE)
-        refusal = access.refusal(request.headers.get("authorization"), cookie)
+        refusal = access.refusal(
+            request.headers.get("authorization"), cookie, request.headers.get("host")
+        )
         if refusal is None:
             return None
         status, message = refusal
@@ -114,8 +116,12 @@ def create_app(sidecar: Sidecar, manage: bool = True) -> Starlette:
         if not access.token_ok(token):
             return _login_page(401, "wrong token", with_form=True)
         response = RedirectResponse("/", 303)
-        response.set_cookie(
-            COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https"
+        response.set_cookie(  # derived from the token, never the token itself (see auth)
+            COOKIE,
+            cookie_value(token),
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
         )
         return response
 
@@ -126,17 +132,25 @@ def create_app(sidecar: Sidecar, manage: bool = True) -> Starlette:
         refusal = refused(request, False)
         if refusal is not None:
             return refusal
+        try:
+            limit = api.checkouts_limit(request.query_params.get("limit"))
+        except ValueError as exc:
+            return json_response({"error": str(exc)}, status=400)
         if request.query_params.get("server") == "cached":
             # The live page's fast loop: holds as of now, joined only with the cached poll
             # (rows older than 0.5 s stay unknown), never waiting and never asking for a
             # poll, so an ended hold leaves the page as fast as it leaves this list.
-            return json_response(
-                api.checkouts(sidecar.view, sidecar.pg.view, sidecar.config.show_query_text)
-            )
-        pg = await run_in_threadpool(sidecar.pg.refresh, since=api.newest_start(sidecar.view))
+            pg = sidecar.pg.view
+        else:
+            pg = await run_in_threadpool(sidecar.pg.refresh, since=api.newest_start(sidecar.view))
         # The holds as of now, not as of before the wait: a hold that ended while the
         # poll ran must not be listed (a hold newer than the poll is joined as unknown).
-        return json_response(api.checkouts(sidecar.view, pg, sidecar.config.show_query_text))
+        view = sidecar.view
+        response = json_response(
+            api.checkouts(view, pg, sidecar.config.show_query_text, limit=limit)
+        )
+        response.headers["X-Total-Count"] = str(len(view.holds))  # before the limit
+        return response
 
     async def metrics(request: Request) -> Response:
         return Response(sidecar.registries.exposition(), media_type=CONTENT_TYPE_LATEST)

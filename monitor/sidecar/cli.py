@@ -9,7 +9,7 @@ import sys
 from monitor.config import ConfigError
 from monitor.sidecar.auth import TokenError, is_loopback
 from monitor.sidecar.config import SidecarConfig, parse
-from monitor.sidecar.postgres import redact
+from monitor.sidecar.postgres import describe_dsn
 
 log = logging.getLogger("monitor.sidecar")
 
@@ -31,7 +31,7 @@ def _describe(config: SidecarConfig) -> None:
         log.info(
             "polling PostgreSQL every %g s at %s",
             config.postgres_interval,
-            redact(config.postgres_dsn),
+            describe_dsn(config.postgres_dsn),
         )
     if (
         config.auth_token_file is None

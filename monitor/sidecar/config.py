@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from monitor.config import ConfigError
-from monitor.sidecar import files, sqltext
+from monitor.sidecar import files, postgres, sqltext
 
 DSN_ENV = "POOL_MONITOR_POSTGRES_DSN"
 DEFAULT_LISTEN = "0.0.0.0:9187"
@@ -155,18 +155,47 @@ def _read_dsn_file(path: str) -> str:
     return dsn
 
 
+def _dsn_and_source(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str | None, str]:
+    """The DSN and where it came from (the option, file or variable: never its value)."""
+    if args.postgres_dsn and args.postgres_dsn_file:
+        raise ConfigError("give --postgres-dsn or --postgres-dsn-file, not both")
+    if args.postgres_dsn:
+        return args.postgres_dsn, "--postgres-dsn"
+    if args.postgres_dsn_file:
+        path = args.postgres_dsn_file
+        return _read_dsn_file(path), f"--postgres-dsn-file {path}"
+    return environ.get(DSN_ENV) or None, f"${DSN_ENV}"
+
+
+def _check_dsn(dsn: str, source: str) -> None:
+    """Fail at start on a DSN that does not parse (libpq's parser, via psycopg), naming
+    its source only: the message goes to logs, and a mistyped DSN holds its password."""
+    try:
+        postgres.parse_dsn(dsn)
+    except postgres.DsnError as exc:
+        raise ConfigError(f"PostgreSQL DSN (from {source}) {exc}") from None
+    except ImportError:
+        raise ConfigError(
+            f"PostgreSQL DSN (from {source}) cannot be checked: psycopg is not installed; "
+            "install it: pip install 'pglast>=7,<9' (GPL-3.0-or-later, hence not in the "
+            "sidecar extra)"
+        ) from None
+
+
 def parse(argv: list[str], environ: Mapping[str, str] | None = None) -> SidecarConfig:
     """Arguments (and `POOL_MONITOR_POSTGRES_DSN`) to a validated config; `ConfigError`
     on a bad value (argparse itself exits with status 2 on unknown options)."""
     environ = os.environ if environ is None else environ
     args = build_parser().parse_args(argv)
-    if args.postgres_dsn and args.postgres_dsn_file:
-        raise ConfigError("give --postgres-dsn or --postgres-dsn-file, not both")
-    dsn = args.postgres_dsn or (
-        _read_dsn_file(args.postgres_dsn_file)
-        if args.postgres_dsn_file
-        else environ.get(DSN_ENV) or None
-    )
+    dsn, source = _dsn_and_source(args, environ)
+    if dsn is not None:
+        _check_dsn(dsn, source)
+    if args.show_query_text and not sqltext.available():
+        raise ConfigError(
+            "--show-query-text needs pglast (PostgreSQL's SQL scanner, to mask literals); "
+            "install it: pip install 'pglast>=7,<9' (GPL-3.0-or-later, hence not in the "
+            "sidecar extra)"
+        )
     host, port = parse_listen(args.listen)
     if args.query_text_limit < 8 or args.query_text_limit > 10000:
         raise ConfigError(

@@ -9,19 +9,20 @@ document would make the merged counters wrong, which is worse than missing.
 
 from __future__ import annotations
 
+import errno
 import fcntl
-import json
 import math
 import os
 import re
 import stat
-from collections.abc import Callable
+import sys
 from dataclasses import dataclass
 from typing import Any
 
-from monitor.catalogue import SECONDS_BUCKETS
+from monitor.catalogue import CODE_SITE, METRICS, OTHER_SITE, SECONDS_BUCKETS
 from monitor.exporters import board
-from monitor.exporters.snapshot import LIVE_SUFFIX, LIVE_VERSION, PREFIX, SNAPSHOT_VERSION, SUFFIX
+from monitor.exporters.snapshot import LIVE_SUFFIX, PREFIX, SUFFIX
+from monitor.sidecar import schema
 
 #: Default largest file read, bytes (a file with 64 pools of 1000 holds is ~25 MB: no).
 MAX_BYTES = 8 * 1024 * 1024
@@ -37,6 +38,8 @@ REASONS = (
 )
 
 _BOUNDS = list(SECONDS_BUCKETS)
+#: Counters labelled by code site: what `fold_sites` bounds.
+SITE_COUNTERS = tuple(m.name for m in METRICS if m.attribute == CODE_SITE)
 _NAME_RE = re.compile(re.escape(PREFIX) + r".+" + re.escape(SUFFIX) + "$")
 
 
@@ -147,152 +150,119 @@ def signature(st: os.stat_result) -> Signature:
     return Signature(st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def read(
-    path: str,
-    size: int,
-    max_bytes: int = MAX_BYTES,
-    check: Callable[[Any], None] | None = None,
-) -> dict[str, Any]:
-    """Parse and validate one file (of `size` bytes when stat'ed); raise `Rejected`.
+def read(path: str, max_bytes: int = MAX_BYTES, kind: str = "full") -> dict[str, Any]:
+    """Read, parse and validate one file (`kind`: "full" or "live"); raise `Rejected`.
 
-    `check` is the validator (default `validate`, the full document; `validate_live` for
-    a live document): one reader, so both kinds are refused for the same reasons."""
-    if size > max_bytes:
-        raise Rejected("oversized", f"{size} bytes > limit {max_bytes}")
+    Only a regular file is read, opened without following a symlink and without blocking
+    (a FIFO or a device in the directory would hang a plain `open()` forever), and at
+    most `max_bytes + 1` bytes of it. The document is checked against `schema` (types,
+    ranges, lengths; bounded nesting), whole: a half-valid document would make the merged
+    counters wrong, which is worse than missing."""
+    raw = read_regular(path, max_bytes)
+    if not raw.strip():
+        raise Rejected("truncated", "empty file")
     try:
-        with open(path, "rb") as f:
-            raw = f.read(max_bytes + 1)
-    except OSError as exc:
-        raise Rejected("unreadable", str(exc)) from None
-    if len(raw) > max_bytes:
-        raise Rejected("oversized", f"more than {max_bytes} bytes")
-    try:
-        doc = json.loads(raw)
-    except UnicodeDecodeError as exc:
-        raise Rejected("corrupt", f"not UTF-8: {exc.reason}") from None
-    except json.JSONDecodeError as exc:
-        # Running out of input means a cut-off write; anything else is garbage.
-        tail = raw[exc.pos :].strip() if exc.pos < len(raw) else b""
-        reason = "truncated" if not tail or not raw.strip() else "corrupt"
-        raise Rejected(reason, f"{exc.msg} at byte {exc.pos} of {len(raw)}") from None
-    (check or validate)(doc)
+        doc = schema.parse(raw, schema.LIVE if kind == "live" else schema.SNAPSHOT)
+    except schema.SchemaError as exc:
+        raise Rejected(exc.reason, exc.detail) from None
+    _check(doc, kind)
     return doc
 
 
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise Rejected("invalid", f"{where} is {value!r}, not a number")
-    return value
+def read_regular(path: str, max_bytes: int) -> bytes:
+    """The bytes of `path` if it is a regular file (not a symlink, FIFO, device or
+    directory) of at most `max_bytes`; raise `Rejected`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Rejected("invalid", "a symlink (only regular files are read)") from None
+        raise Rejected("unreadable", exc.strerror or str(exc)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Rejected("invalid", "not a regular file")
+        if st.st_size > max_bytes:
+            raise Rejected("oversized", f"{st.st_size} bytes > limit {max_bytes}")
+        chunks, size = [], 0
+        while size <= max_bytes:
+            chunk = os.read(fd, max_bytes + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise Rejected("unreadable", exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
+    if size > max_bytes:
+        raise Rejected("oversized", f"more than {max_bytes} bytes")
+    return b"".join(chunks)
 
 
-def _counter(value: Any, where: str) -> None:
-    if isinstance(value, dict):
-        for key, v in value.items():
-            _number(v, f"{where}[{key!r}]")
-    else:
-        _number(value, where)
-
-
-def _histogram(value: Any, where: str) -> None:
-    if not isinstance(value, dict):
-        raise Rejected("invalid", f"{where} is not a histogram")
-    bounds, counts = value.get("bounds"), value.get("counts")
-    if (
-        not isinstance(bounds, list)
-        or not isinstance(counts, list)
-        or len(counts) != len(bounds) + 1
-    ):
-        raise Rejected("invalid", f"{where} has malformed bounds/counts")
-    if bounds != _BOUNDS:
-        raise Rejected(
-            "incompatible", f"{where} has bucket bounds {bounds}, this sidecar merges {_BOUNDS}"
-        )
-    for i, c in enumerate(counts):
-        _number(c, f"{where}.counts[{i}]")
-    _number(value.get("sum"), f"{where}.sum")
-
-
-def _gauge(value: Any, where: str) -> None:
-    _counter(value, where)  # same shape: a number, or {label value: number}
-
-
-def _section(pool: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-    value = pool.get(key, {})
-    if not isinstance(value, dict):
-        raise Rejected("invalid", f"{where}.{key} is not an object")
-    return value
-
-
-def _lock_histograms(locks: Any) -> None:
-    if not isinstance(locks, dict):
-        raise Rejected("invalid", "locks is not an object")
-    for metric, by_lock in locks.items():
-        if not isinstance(by_lock, dict):
-            raise Rejected("invalid", f"locks[{metric!r}] is not an object")
+def _check(doc: dict[str, Any], kind: str) -> None:
+    """What the schema cannot say: histogram shapes and bounds, the holds of a whole
+    process (the oldest `schema.MAX_HOLDS_PER_PROCESS` are kept), and a live hold's start
+    (holds are aged from it)."""
+    holds = 0
+    for i, pool in enumerate(doc["pools"]):
+        where = f"pools[{i}]"
+        for name, hist in pool.get("histograms", {}).items():
+            _histogram(hist, f"{where}.histograms[{name!r}]")
+        for j, hold in enumerate(pool.get("holds", [])):
+            if kind == "live" and "started_at" not in hold:
+                raise Rejected("invalid", f"{where}.holds[{j}].started_at missing")
+        holds += len(pool.get("holds", []))
+    if holds > schema.MAX_HOLDS_PER_PROCESS:
+        _keep_oldest_holds(doc["pools"], schema.MAX_HOLDS_PER_PROCESS)
+    for metric, by_lock in doc.get("locks", {}).items():
         for name, hist in by_lock.items():
             _histogram(hist, f"locks[{metric!r}][{name!r}]")
 
 
-def validate(doc: Any) -> None:
-    """Everything the merge reads has the type it expects, or the whole file is rejected."""
-    if not isinstance(doc, dict):
-        raise Rejected("invalid", "not a JSON object")
-    if doc.get("version") != SNAPSHOT_VERSION:
-        raise Rejected(
-            "unknown_version",
-            f"version {doc.get('version')!r}, this sidecar reads version {SNAPSHOT_VERSION}",
-        )
-    if _number(doc.get("interval"), "interval") <= 0:
-        raise Rejected("invalid", "interval must be positive")
-    for where, pool in _process_pools(doc):
-        for name, value in _section(pool, "counters", where).items():
-            _counter(value, f"{where}.counters[{name!r}]")
-        for name, value in _section(pool, "gauges", where).items():
-            _gauge(value, f"{where}.gauges[{name!r}]")
-        for name, value in _section(pool, "histograms", where).items():
-            _histogram(value, f"{where}.histograms[{name!r}]")
-        holds = pool.get("holds", [])
-        if not isinstance(holds, list) or not all(isinstance(h, dict) for h in holds):
-            raise Rejected("invalid", f"{where}.holds is not a list of objects")
-    _lock_histograms(doc.get("locks", {}))
-
-
-def _process_pools(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """What both documents share: a process with a pid, a `written_at`, a list of named
-    pools (each returned with its path, for the messages)."""
-    process = doc.get("process")
-    if not isinstance(process, dict) or not isinstance(process.get("pid"), int):
-        raise Rejected("invalid", "process.pid missing")
-    _number(doc.get("written_at"), "written_at")
-    pools = doc.get("pools")
-    if not isinstance(pools, list):
-        raise Rejected("invalid", "pools is not a list")
-    checked = []
+def _keep_oldest_holds(pools: list[dict[str, Any]], limit: int) -> None:
+    """Keep the process's `limit` oldest holds (the ones worth looking at), in place; each
+    pool counts what it lost in `holds_dropped`."""
+    ranked = sorted(
+        ((hold.get("started_at", -hold.get("age_s", 0.0)), i, j)
+         for i, pool in enumerate(pools) for j, hold in enumerate(pool.get("holds", []))),
+    )  # fmt: skip
+    kept = {(i, j) for _, i, j in ranked[:limit]}
     for i, pool in enumerate(pools):
-        where = f"pools[{i}]"
-        if not isinstance(pool, dict) or not isinstance(pool.get("pool"), str):
-            raise Rejected("invalid", f"{where}.pool missing")
-        checked.append((where, pool))
-    return checked
+        holds = pool.get("holds", [])
+        pool["holds"] = [h for j, h in enumerate(holds) if (i, j) in kept]
+        pool["holds_dropped"] = pool.get("holds_dropped", 0) + len(holds) - len(pool["holds"])
 
 
-def validate_live(doc: Any) -> None:
-    """A live document (`snapshot.live_document`): what the hold list reads, or rejected.
-    Every hold needs a numeric `started_at`: the sidecar ages holds from it."""
-    if not isinstance(doc, dict):
-        raise Rejected("invalid", "not a JSON object")
-    if doc.get("version") != LIVE_VERSION or doc.get("kind") != "live":
+def _histogram(value: dict[str, Any], where: str) -> None:
+    bounds, counts = value["bounds"], value["counts"]
+    if len(counts) != len(bounds) + 1:
+        raise Rejected("invalid", f"{where} has {len(counts)} counts for {len(bounds)} bounds")
+    if bounds != _BOUNDS:
         raise Rejected(
-            "unknown_version",
-            f"live version {doc.get('version')!r} kind {doc.get('kind')!r}, this sidecar "
-            f"reads live version {LIVE_VERSION}",
+            "incompatible", f"{where} has bucket bounds {bounds}, this sidecar merges {_BOUNDS}"
         )
-    for where, pool in _process_pools(doc):
-        threshold = pool.get("long_held_threshold")
-        if threshold is not None:
-            _number(threshold, f"{where}.long_held_threshold")
-        holds = pool.get("holds")
-        if not isinstance(holds, list) or not all(isinstance(h, dict) for h in holds):
-            raise Rejected("invalid", f"{where}.holds is not a list of objects")
-        for j, hold in enumerate(holds):
-            _number(hold.get("started_at"), f"{where}.holds[{j}].started_at")
+
+
+def fold_sites(pool: dict[str, Any], admitted: set[str], limit: int) -> None:
+    """Keep at most `limit` code sites per pool name, merged over every process, in place.
+
+    `admitted` is the pool's set of sites with their own series (shared by every
+    process's documents, kept for the sidecar's life): a site joins while there is room,
+    in the order documents name them; a later one is added into `other`. So a series,
+    once exported, keeps its label, and a file naming 100,000 sites makes at most `limit`
+    series."""
+    counters = pool.get("counters", {})
+    for name in SITE_COUNTERS:
+        values = counters.get(name)
+        if not isinstance(values, dict):
+            continue
+        folded: dict[str, float] = {}
+        for site, value in values.items():
+            if site not in admitted and site != OTHER_SITE and len(admitted) < limit:
+                admitted.add(site)
+            # Interned: 64 workers' documents name the same sites; one string each, not
+            # one per document (most of a retained document's memory otherwise).
+            key = sys.intern(site) if site in admitted else OTHER_SITE
+            folded[key] = folded.get(key, 0.0) + value
+        counters[name] = folded

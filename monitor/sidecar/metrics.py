@@ -104,12 +104,31 @@ class PostgresMetrics(Collector):
 class HealthCollector(Collector):
     """The sidecar itself: snapshot errors, processes seen, scan and poll timings."""
 
-    def __init__(self, view: Callable[[], View], pg: PostgresCollector) -> None:
+    def __init__(
+        self,
+        view: Callable[[], View],
+        pg: PostgresCollector,
+        scans: Callable[[], tuple[int, float]] = lambda: (0, 0.0),
+    ) -> None:
         self._view = view
         self._pg = pg
+        self._scans = scans
 
     def collect(self) -> Iterator[PromMetric]:
         view = self._view()
+        scan_errors, scan_age = self._scans()
+        failed = CounterMetricFamily(
+            "pool_monitor_sidecar_scan_errors",
+            "Scans of the snapshot directory that failed (the next one runs on schedule).",
+        )
+        failed.add_metric([], scan_errors)
+        yield failed
+        yield _gauge(
+            "pool_monitor_sidecar_last_scan_age_seconds",
+            "Seconds since a scan of the snapshot directory last succeeded (at scrape time): "
+            "grows while scans hang or fail, and /readyz fails past max(10 s, 5 intervals).",
+            scan_age,
+        )
         errors = CounterMetricFamily(
             "pool_monitor_snapshot_errors",
             "Snapshot files skipped, by reason (each version of a bad file counted once).",
@@ -189,12 +208,17 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 class Registries:
     """The data registry (pools + PostgreSQL) and the health registry, exposed together."""
 
-    def __init__(self, view: Callable[[], View], pg: PostgresCollector) -> None:
+    def __init__(
+        self,
+        view: Callable[[], View],
+        pg: PostgresCollector,
+        scans: Callable[[], tuple[int, float]] = lambda: (0, 0.0),
+    ) -> None:
         self.data = CollectorRegistry(auto_describe=False)
         self.data.register(MergedPoolsCollector(view))
         self.data.register(PostgresMetrics(pg))
         self.health = CollectorRegistry(auto_describe=False)
-        self.health.register(HealthCollector(view, pg))
+        self.health.register(HealthCollector(view, pg, scans))
 
     def exposition(self) -> bytes:
         return generate_latest(self.data) + generate_latest(self.health)

@@ -21,8 +21,11 @@ Cheap and safe by construction:
   each wait began) is read only when such rows exist.
 - Query text is selected only with `--show-query-text`, then masked and truncated
   (`sqltext`); parameter values never leave the server through us.
-- When the server is down or the DSN is bad: `pg_up 0`, one readable log line per streak
-  (password redacted), reconnects with exponential backoff (1 s doubling up to 30 s).
+- When the server is down or the DSN is bad: `pg_up 0`, one readable log line per streak,
+  reconnects with exponential backoff (1 s doubling up to 30 s). Nothing of the raw DSN is
+  ever logged or served: a DSN that does not parse says only that (`parse_dsn`), a
+  description shows host, port, dbname and user (`describe_dsn`), and libpq's errors lose
+  the DSN and its password (`safe_error`).
 
 Privileges: a role with `pg_monitor` sees every session's state and query:
 
@@ -145,16 +148,125 @@ class PgView:
     apps: dict[str, AppStats] = field(default_factory=dict)
 
 
-_SECRET_RES = (
-    re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE),
-    re.compile(r"(://[^:/@\s]*:)([^@\s]*)(@)"),
-)
+class DsnError(ValueError):
+    """A DSN that cannot be used. Its message never holds any part of the DSN: psycopg's
+    own parse errors quote the text they choke on (`missing "=" after "pw@h"`), which is
+    how a mistyped DSN's password would reach the logs."""
 
 
-def redact(text: str) -> str:
-    """`password=…` and `user:password@` hidden, for log lines and /api/pools."""
-    text = _SECRET_RES[0].sub(r"\1***", text)
-    return _SECRET_RES[1].sub(r"\1***\3", text)
+_URI_SCHEMES = ("postgresql://", "postgres://")
+#: One entry of `host`: a name or address (IPv6 without brackets, as libpq gives it back),
+#: a Unix socket directory, or an abstract socket (`@name`).
+_HOST = re.compile(r"[A-Za-z0-9._:%-]*|/[\w./-]*|@[\w./-]+")
+_PORT = re.compile(r"\d{0,5}")
+#: What `describe_dsn` shows, in this order; nothing else of a DSN is ever logged or served.
+DESCRIBED = ("host", "port", "dbname", "user")
+#: Longest value `describe_dsn` shows (a hostile DSN must not flood the log).
+_MAX_SHOWN = 120
+
+
+def _uri_shape_ok(dsn: str) -> bool:
+    """Whether a URI has no `@` after the one ending its user info. libpq takes the user
+    info up to the first `@` before any `/`, so a password with an unescaped `@` or `/`
+    becomes part of the host, port, database or a query value
+    (`postgresql://u:p/ss@h/db` is host `u`, port `p`, database `ss@h/db`)."""
+    after = dsn.split("://", 1)[1]
+    end = next((i for i, c in enumerate(after) if c in "@/"), len(after))
+    rest = after[end + 1 :] if after[end : end + 1] == "@" else after
+    return "@" not in rest
+
+
+def parse_dsn(dsn: str) -> dict[str, str]:
+    """The DSN's parameters, by psycopg's (libpq's) own parser: URI and `key=value` forms.
+
+    `DsnError` when it does not parse, or parses into a host or port no server has (the
+    mark of a mistyped DSN whose password libpq read as a host, port or database). The
+    error names the problem, never the text. `ImportError` without psycopg."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    if "\x00" in dsn:  # libpq would silently read only the text before it
+        raise DsnError("does not parse: it holds a NUL character")
+    try:
+        params = {k: str(v) for k, v in conninfo_to_dict(dsn).items() if v is not None}
+    except Exception:
+        raise DsnError("does not parse") from None
+    if dsn.lstrip().lower().startswith(_URI_SCHEMES) and not _uri_shape_ok(dsn.strip()):
+        raise DsnError(
+            "does not parse: in a URI, '@' and '/' in the password and any '@' after the "
+            "host must be %-encoded (%40, %2F)"
+        )
+    if not all(_HOST.fullmatch(h) for h in params.get("host", "").split(",")):
+        raise DsnError("does not parse: a host is neither a name, an address nor a directory")
+    if not all(_PORT.fullmatch(p) for p in params.get("port", "").split(",")):
+        raise DsnError("does not parse: a port is not a number")
+    return params
+
+
+def _secrets(params: dict[str, str]) -> list[str]:
+    """The DSN's secret values (`password`, `sslpassword`), as given and %-encoded."""
+    from urllib.parse import quote
+
+    values = [v for k, v in params.items() if "password" in k and v]
+    values += [quote(v, safe="") for v in values] + [" ".join(v.split()) for v in values]
+    return sorted({v for v in values if v}, key=len, reverse=True)
+
+
+def _shown_value(value: str, secrets: list[str]) -> str:
+    """One described value: hidden if it holds a secret, quoted if it has spaces, cut."""
+    if any(secret in value for secret in secrets):
+        return "(hidden)"
+    value = value[:_MAX_SHOWN]
+    if not value or any(c.isspace() or c in "'\\" for c in value):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return value
+
+
+def describe_dsn(dsn: str | None) -> str:
+    """`host=db port=5432 dbname=app user=monitor`: what a log line or the API may say
+    about a DSN. Only these four parameters, only from a DSN that parses; anything else
+    of the raw string (a mistyped one can hold its password anywhere) is never shown."""
+    if dsn is None:
+        return "no DSN"
+    try:
+        params = parse_dsn(dsn)
+    except DsnError as exc:
+        return f"a DSN that {exc}"
+    except ImportError:
+        return "a DSN (psycopg is not installed)"
+    secrets = _secrets(params)
+    described = [f"{k}={_shown_value(params[k], secrets)}" for k in DESCRIBED if k in params]
+    return " ".join(described) or "libpq defaults"
+
+
+def _scrubbed(message: str, secrets: list[str]) -> str:
+    """`message` with every secret replaced by `***`, before and after its whitespace is
+    collapsed (a password with spaces may appear either way)."""
+    for secret in secrets:
+        message = message.replace(secret, "***")
+    message = " ".join(message.split())
+    for secret in secrets:
+        collapsed = " ".join(secret.split())
+        if collapsed:
+            message = message.replace(collapsed, "***")
+    return message
+
+
+def safe_error(exc: BaseException, dsn: str | None) -> str:
+    """`ExceptionClass: message` for logs and the API, with the raw DSN and every secret
+    in it replaced by `***` (libpq quotes hosts, users and, in some versions, fragments
+    of the conninfo string in its messages)."""
+    params: dict[str, str] = {}
+    if dsn:
+        try:
+            params = parse_dsn(dsn)
+        except (DsnError, ImportError):
+            params = {}
+    secrets = _secrets(params)
+    if dsn and dsn.strip():
+        secrets = sorted({dsn, dsn.strip(), *secrets}, key=len, reverse=True)
+    message = _scrubbed(str(exc), secrets)
+    name = type(exc).__name__
+    return f"{name}: {message}" if message else name
 
 
 def summarize(backends: list[Backend]) -> dict[str, AppStats]:
@@ -335,9 +447,9 @@ class PostgresCollector:
         except Exception as exc:
             self._close()
             self.errors += 1
-            message = redact(" ".join(str(exc).split())) or type(exc).__name__
-            if "connection info string" in message or "invalid dsn" in message.lower():
-                message = f"invalid DSN: {message}"
+            message = (
+                f"invalid DSN: {exc}" if isinstance(exc, DsnError) else safe_error(exc, self.dsn)
+            )
             self.view = PgView(
                 configured=True,
                 up=False,
@@ -376,6 +488,7 @@ class PostgresCollector:
     def _connect(self) -> Any:
         if self._conn is not None and not self._conn.closed:
             return self._conn
+        parse_dsn(self.dsn or "")  # DsnError before libpq can echo a mistyped DSN
         import psycopg
 
         conn = psycopg.connect(

@@ -39,12 +39,15 @@ class Sidecar:
             show_query_text=config.show_query_text,
             query_text_limit=config.query_text_limit,
         )
-        self.registries = Registries(lambda: self.view, self.pg)
+        self.registries = Registries(lambda: self.view, self.pg, self.scan_health)
         self.access = Access(config.auth_token_file, config.listen_host, config.insecure_api)
         self.scanned = self.aggregator is None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._scan_failing = False
+        #: scans (full or live) that raised, and when one last succeeded (monotonic)
+        self.scan_errors = 0
+        self.last_scan_ok = time.monotonic()
 
     def scan(self) -> View:
         """Scan and merge once (the thread does this every `scan_interval`)."""
@@ -52,15 +55,34 @@ class Sidecar:
             return self.view
         try:
             self.view = self.aggregator.scan()
-            self._scan_failing = False
+            self._scanned_ok()
         except Exception:  # keep serving the last view; say so once per streak
-            if not self._scan_failing:
-                log.exception(
-                    "scanning %s failed; serving the previous view", self.config.snapshot_dir
-                )
-            self._scan_failing = True
+            self._scan_failed("scanning %s failed; serving the previous view")
         self.scanned = True
         return self.view
+
+    def _scanned_ok(self) -> None:
+        self._scan_failing = False
+        self.last_scan_ok = time.monotonic()
+
+    def _scan_failed(self, message: str) -> None:
+        """Counted always, logged once per streak; the next scan runs on schedule."""
+        self.scan_errors += 1
+        if not self._scan_failing:
+            log.exception(message, self.config.snapshot_dir)
+        self._scan_failing = True
+
+    def scan_age(self) -> float:
+        """Seconds since a scan last succeeded: grows while scans fail or hang."""
+        return max(0.0, time.monotonic() - self.last_scan_ok)
+
+    def scan_stale_after(self) -> float:
+        """A scan older than this means the scanning thread is stuck or keeps failing."""
+        return max(10.0, 5 * self.config.scan_interval)
+
+    def scan_health(self) -> tuple[int, float]:
+        """(scan errors so far, seconds since the last successful scan), for `/metrics`."""
+        return self.scan_errors, self.scan_age() if self.aggregator is not None else 0.0
 
     def scan_live(self) -> View:
         """Re-read the live-hold documents only (the thread does this every
@@ -70,12 +92,7 @@ class Sidecar:
         try:
             self.view = self.aggregator.scan_live()
         except Exception:  # same policy as a full scan
-            if not self._scan_failing:
-                log.exception(
-                    "reading live documents in %s failed; serving the previous view",
-                    self.config.snapshot_dir,
-                )
-            self._scan_failing = True
+            self._scan_failed("reading live documents in %s failed; serving the previous view")
         return self.view
 
     def _run(self) -> None:
@@ -103,14 +120,21 @@ class Sidecar:
         self.pg.stop()
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready once the snapshot directory has been read. PostgreSQL being down does not
-        make the sidecar unready: it still serves, and says `pg_up 0`."""
+        """Ready once the snapshot directory has been read, and while scans succeed: a scan
+        thread that hangs (a file system that blocks) or keeps failing serves a frozen
+        view, so it makes the sidecar unready after `scan_stale_after()` seconds.
+        PostgreSQL being down does not: the sidecar still serves, and says `pg_up 0`."""
         view = self.view
-        ready = self.scanned and view.dir_error is None
+        age = self.scan_age() if self.aggregator is not None else 0.0
+        stuck = age > self.scan_stale_after()
+        ready = self.scanned and view.dir_error is None and not stuck
         return ready, {
             "ready": ready,
             "snapshot_dir": self.config.snapshot_dir,
             "snapshot_dir_error": view.dir_error,
+            "last_scan_age_s": round(age, 3),
+            "scan_errors": self.scan_errors,
+            "scan_stuck": stuck,
             "live_processes": sum(1 for p in view.processes if p["state"] == "live"),
             "postgres": {
                 "configured": self.pg.view.configured,

@@ -219,8 +219,7 @@ def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
 
     def end(hold: Hold, at: float) -> None:
         hold.end = at
-        if hold.board is not None:
-            release(hold)
+        release(hold)
         closed_append(hold)
         ended(hold, at)
 

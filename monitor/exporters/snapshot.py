@@ -167,16 +167,11 @@ def board_file_name(ident: dict[str, Any]) -> str:
     return file_name(ident)[: -len(SUFFIX)] + board.BOARD_SUFFIX
 
 
-def _monitor_id(pm: Any) -> int:
-    """A number unique to this monitor object within the process (`PoolMonitor.serial`):
-    the sidecar tells a pool that was uninstrumented and instrumented again (counters back
-    at zero) from the same series continuing."""
-    return pm.serial
-
-
 def _pool_snapshot(pm: Any) -> dict[str, Any]:
     snap = pm.snapshot()
-    snap["monitor_id"] = _monitor_id(pm)
+    # Unique per monitor for the process's life: the sidecar tells an engine instrumented
+    # again (counters back at zero) from the same series continuing.
+    snap["monitor_id"] = pm.serial
     holds, dropped = _limit_holds(snap.get("holds") or [])
     if dropped:
         snap["holds_dropped"] = dropped
@@ -272,7 +267,7 @@ def live_document(state: list[tuple[Any, list[Any]]], as_of: float | None = None
         pools.append(
             {
                 "pool": pm.name,
-                "monitor_id": _monitor_id(pm),
+                "monitor_id": pm.serial,
                 "long_held_threshold": threshold,
                 "holds": dicts,
                 "holds_dropped": dropped,

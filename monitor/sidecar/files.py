@@ -93,16 +93,10 @@ class BoardView:
 
 def read_board(path: str, read_at: float) -> BoardView:
     """Read a board (`monitor.exporters.board`); raise `Rejected`. Only a regular file is
-    opened (never a FIFO or device: `O_NONBLOCK`, then checked), and only the header and
-    the slots it says were ever used are read: a few hundred bytes for a normal pool."""
+    opened (`_open_regular`), and only the header and the slots it says were ever used are
+    read: a few hundred bytes for a normal pool."""
+    fd, st = _open_regular(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as exc:
-        raise Rejected("unreadable", str(exc)) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise Rejected("invalid", "board is not a regular file")
         if st.st_size != board.SIZE:
             raise Rejected("invalid", f"board is {st.st_size} bytes, not {board.SIZE}")
         head = os.pread(fd, board.HEADER, 0)
@@ -172,16 +166,8 @@ def read(path: str, max_bytes: int = MAX_BYTES, kind: str = "full") -> dict[str,
 def read_regular(path: str, max_bytes: int) -> bytes:
     """The bytes of `path` if it is a regular file (not a symlink, FIFO, device or
     directory) of at most `max_bytes`; raise `Rejected`."""
+    fd, st = _open_regular(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise Rejected("invalid", "a symlink (only regular files are read)") from None
-        raise Rejected("unreadable", exc.strerror or str(exc)) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise Rejected("invalid", "not a regular file")
         if st.st_size > max_bytes:
             raise Rejected("oversized", f"{st.st_size} bytes > limit {max_bytes}")
         chunks, size = [], 0
@@ -198,6 +184,27 @@ def read_regular(path: str, max_bytes: int) -> bytes:
     if size > max_bytes:
         raise Rejected("oversized", f"more than {max_bytes} bytes")
     return b"".join(chunks)
+
+
+def _open_regular(path: str) -> tuple[int, os.stat_result]:
+    """Open `path` for reading if it is a regular file; raise `Rejected`. Never follows a
+    symlink, never blocks (a FIFO or device in the directory would hang a plain `open()`
+    forever); the caller closes the descriptor."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise Rejected("invalid", "a symlink (only regular files are read)") from None
+        raise Rejected("unreadable", exc.strerror or str(exc)) from None
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise Rejected("unreadable", exc.strerror or str(exc)) from None
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise Rejected("invalid", "not a regular file")
+    return fd, st
 
 
 def _check(doc: dict[str, Any], kind: str) -> None:

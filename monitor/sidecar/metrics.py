@@ -101,6 +101,11 @@ class PostgresMetrics(Collector):
         return []
 
 
+def no_scans() -> tuple[int, float]:
+    """Scan health when nobody reports it (no snapshot directory): no errors, age 0."""
+    return 0, 0.0
+
+
 class HealthCollector(Collector):
     """The sidecar itself: snapshot errors, processes seen, scan and poll timings."""
 
@@ -108,7 +113,7 @@ class HealthCollector(Collector):
         self,
         view: Callable[[], View],
         pg: PostgresCollector,
-        scans: Callable[[], tuple[int, float]] = lambda: (0, 0.0),
+        scans: Callable[[], tuple[int, float]] = no_scans,
     ) -> None:
         self._view = view
         self._pg = pg
@@ -212,7 +217,7 @@ class Registries:
         self,
         view: Callable[[], View],
         pg: PostgresCollector,
-        scans: Callable[[], tuple[int, float]] = lambda: (0, 0.0),
+        scans: Callable[[], tuple[int, float]] = no_scans,
     ) -> None:
         self.data = CollectorRegistry(auto_describe=False)
         self.data.register(MergedPoolsCollector(view))

@@ -188,6 +188,19 @@ def _sqlalchemy_check() -> dict[str, Any]:
     }
 
 
+def _snapshot_state() -> dict[str, Any]:
+    """The snapshot writer's failures and how far the hold board was used (its highest
+    slot ever taken: nothing there means no checkout went through it)."""
+    try:
+        from monitor.exporters import board, snapshot
+
+        own = board.current[0]
+        used = 0 if own is None or not own.high_index else (own.high_index - board.FIRST) // 2 + 1
+        return {"snapshot_write_errors": snapshot.write_errors(), "board_slots_used": used}
+    except Exception as exc:  # the library is being rewritten: say so, do not crash
+        return {"snapshot_state_unreadable": repr(exc)}
+
+
 def _write_report(path: str) -> None:
     errors = 0
     per_monitor: list[dict[str, Any]] = []
@@ -208,6 +221,7 @@ def _write_report(path: str) -> None:
         "instrument_failures": _state.failure_count,
         "instrument_failure_samples": _state.failures,
         "pool_monitor_errors_total": errors,
+        **_snapshot_state(),
         "monitors_with_errors": per_monitor[:MAX_RECORDS],
         "error_counter_unreadable": unreadable[:MAX_RECORDS],
         "monitor_log_counts": _state.log_counts,

@@ -4,7 +4,8 @@
 
 Runs part of SQLAlchemy's own test suite (from the sdist of the installed version, cached
 in `.compat-cache/`) on each backend twice, bare and with every engine instrumented
-(`compat.plugin`), and compares the outcome of every test. Exits non-zero if any test's
+(`compat.plugin`, with a snapshot directory: the snapshot thread and the hold board run as
+beside the sidecar), and compares the outcome of every test. Exits non-zero if any test's
 outcome differs, if `instrument()` failed, if pool-monitor counted or logged an error of
 its own, or if a run did not finish. PostgreSQL is embedded unless DATABASE_URL is set;
 each run gets a database of its own, so runs go in parallel (`--jobs`).
@@ -231,6 +232,9 @@ def execute(run: Run, suite: Path, extra_env: dict[str, str]) -> Run:
     if run.mode == "instrumented":
         env[MODE_VAR] = "instrument"
         env[REPORT_VAR] = str(report)
+        # As deployed beside the sidecar: the snapshot thread writes, and every checkout
+        # and return goes through the hold board (`monitor.exporters.board`).
+        env["POOL_MONITOR_SNAPSHOT_DIR"] = str(run.directory / "snapshots")
     started = time.monotonic()
     with open(run.directory / "pytest.log", "w") as log:
         process = subprocess.Popen(
@@ -343,6 +347,10 @@ def run_problems(run: Run) -> list[str]:
         )
     if report["error_counter_unreadable"]:
         problems.append(f"errors counter unreadable: {report['error_counter_unreadable'][:3]}")
+    if not report.get("board_slots_used"):
+        problems.append("no hold went on the board: the snapshot directory was not in use")
+    if report.get("snapshot_write_errors"):
+        problems.append(f"snapshot writes failed {report['snapshot_write_errors']} times")
     return problems
 
 

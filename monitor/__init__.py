@@ -2,7 +2,7 @@
 
     import monitor
     pm = monitor.instrument(engine, pool_name="api", long_held_threshold=5.0)
-    app.mount("/metrics", monitor.metrics_app())
+    app.add_route("/metrics", monitor.metrics_app())
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from typing import Any
 
 from monitor.config import ConfigError, Settings
 from monitor.exporters.prometheus import metrics_app
-from monitor.instrument import LongHeldEvent, PoolMonitor, monitors, uninstrument
 from monitor.instrument import instrument as _instrument
+from monitor.instrument import uninstrument
 from monitor.locks import async_lock, lock
+from monitor.pool_monitor import LongHeldEvent, PoolMonitor
+from monitor.registry import monitors
 
 __version__ = "0.1.0"
 

@@ -18,7 +18,7 @@ from asyncio import current_task
 from asyncio.events import _get_running_loop
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import exc as sa_exc
 
@@ -26,9 +26,7 @@ from monitor.exporters import board as boards
 from monitor.ledger import CONCURRENT, CROSS_THREAD, FOLD_LIMIT, Hold
 from monitor.naming import thread_labels, thread_name
 from monitor.poolpatch import returns_to_a_monitor
-
-if TYPE_CHECKING:
-    from monitor.instrument import PoolMonitor
+from monitor.protocols import Monitored
 
 log = logging.getLogger("monitor")
 misuse_log = logging.getLogger("monitor.misuse")
@@ -45,7 +43,7 @@ current_thread = threading.current_thread
 _getframe = sys._getframe
 
 
-def swallow(monitor: PoolMonitor, where: str, exc: BaseException) -> None:
+def swallow(monitor: Monitored, where: str, exc: BaseException) -> None:
     """Count an exception raised inside our own code and log it once per (hook, type)."""
     ledger = monitor.ledger
     with ledger.lock:
@@ -91,7 +89,7 @@ def backend_pid(rec: Any) -> int | None:
 _transferred: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = weakref.WeakKeyDictionary()
 
 
-def build_hooks(monitor: PoolMonitor) -> dict[str, Callable[..., Any]]:
+def build_hooks(monitor: Monitored) -> dict[str, Callable[..., Any]]:
     """Handlers for one monitor: pool event listeners by event name, factories for the
     pool instance's `connect` and `_return_conn` (see `poolpatch`), and the statement
     timing pair (called by `dialect_wrappers`)."""

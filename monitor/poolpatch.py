@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from monitor.instrument import PoolMonitor
+from monitor.protocols import Patching
 
 #: Marks our wrappers, so that a pool is never patched twice nor unpatched by mistake.
 MARK = "__pool_monitor__"
@@ -65,7 +64,7 @@ def _one_line_delegations() -> dict[tuple[str, Any], tuple[str, Any]]:
 _DELEGATES = _one_line_delegations()
 
 
-def patch(pool: Any, monitor: PoolMonitor) -> None:
+def patch(pool: Any, monitor: Patching) -> None:
     """Set our `connect`, `_return_conn` and `recreate` on `pool` (idempotent)."""
     if is_patched(pool):
         return
@@ -107,7 +106,7 @@ def returns_to_a_monitor(pool: Any) -> bool:
 
 
 def _wrap_recreate(pool: Any, base_recreate: Callable[[Any], Any],
-                   monitor: PoolMonitor) -> Callable[[], Any]:  # fmt: skip
+                   monitor: Patching) -> Callable[[], Any]:  # fmt: skip
     pool_ref = weakref.ref(pool)
 
     def recreate() -> Any:

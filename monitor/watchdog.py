@@ -18,9 +18,10 @@ from types import FrameType
 from typing import Any
 
 from monitor.hooks import swallow
-from monitor.instrument import LongHeldEvent, PoolMonitor, monitors
 from monitor.ledger import LONG_HELD, Hold
 from monitor.naming import task_name, thread_name
+from monitor.pool_monitor import LongHeldEvent, PoolMonitor
+from monitor.registry import monitors
 from monitor.sites import format_stack, walk_frames
 
 log = logging.getLogger("monitor.long_held")

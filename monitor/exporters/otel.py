@@ -39,7 +39,7 @@ class OtelBridge:
         from opentelemetry import metrics
 
         from monitor import locks
-        from monitor.instrument import on_every_monitor
+        from monitor.registry import on_every_monitor
 
         self.meter_provider = meter_provider
         provider = meter_provider or metrics.get_meter_provider()
@@ -86,7 +86,7 @@ class OtelBridge:
     def _pool_snapshots(self) -> list[dict[str, Any]]:
         """Snapshots for one collection: every callback runs within a few milliseconds,
         so they share one read (which also folds the ledgers into this bridge's queues)."""
-        from monitor.instrument import monitors
+        from monitor.registry import monitors
 
         now = time.monotonic()
         taken, snapshots = self._snapshots

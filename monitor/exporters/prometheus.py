@@ -77,7 +77,7 @@ _registered: weakref.WeakKeyDictionary[CollectorRegistry, MonitorCollector] = (
 
 
 def _live_pool_snapshots() -> list[dict[str, Any]]:
-    from monitor.instrument import monitors
+    from monitor.registry import monitors
 
     return [pm.snapshot() for pm in monitors()]
 
@@ -98,8 +98,33 @@ def register(registry: CollectorRegistry = REGISTRY) -> MonitorCollector:
     return collector
 
 
-def metrics_app(registry: CollectorRegistry = REGISTRY) -> Any:
-    """An ASGI app serving the Prometheus exposition (mount it at `/metrics`), including
-    everything else registered in `registry` (by default, the application's own metrics)."""
+class MetricsApp:
+    """prometheus_client's ASGI app, as an object rather than a function: Starlette's
+    `Route` (so `app.add_route()` of Starlette and FastAPI) calls an object as an ASGI app,
+    whereas it would call a function as `endpoint(request)`. Answers HEAD without a body."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._app = make_asgi_app(registry=registry)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("method") == "HEAD":
+            inner = send
+
+            async def send(message: Any) -> None:
+                if message["type"] == "http.response.body":
+                    message = {**message, "body": b""}
+                await inner(message)
+
+        await self._app(scope, receive, send)
+
+
+def metrics_app(registry: CollectorRegistry = REGISTRY) -> MetricsApp:
+    """An ASGI app serving the Prometheus exposition, including everything else registered
+    in `registry` (by default, the application's own metrics).
+
+    `app.add_route("/metrics", metrics_app())` (Starlette, FastAPI) answers `/metrics`
+    itself; `app.mount("/metrics", metrics_app())` answers `/metrics/` and redirects
+    `/metrics` there (Starlette's Mount), which curl and many clients do not follow."""
     register(registry)
-    return make_asgi_app(registry=registry)
+    return MetricsApp(registry)

@@ -45,6 +45,7 @@ import signal
 import sys
 import threading
 import types
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("monitor.snapshot")
@@ -55,12 +56,14 @@ TERMINATING: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)
 FINAL_TIMEOUT_S = 2.0
 
 _installed: set[int] = set()
+#: What a terminating signal runs first: the snapshot writers' exit documents, given by
+#: `install()` (so this module needs no import of the writers, which import it).
+_on_exit: list[Callable[[float], None]] = []
 
 
 def _write_final() -> None:
-    from monitor.exporters import snapshot
-
-    snapshot.write_final(timeout=FINAL_TIMEOUT_S)
+    for write in list(_on_exit):
+        write(FINAL_TIMEOUT_S)
 
 
 def _will_kill(signum: int) -> bool:
@@ -82,10 +85,12 @@ def _on_signal(signum: int, frame: types.FrameType | None) -> None:
     signal.signal(signum, _on_signal)  # pragma: no cover
 
 
-def install() -> None:
-    """Chain the exit document into SIGTERM/SIGINT where their disposition is SIG_DFL,
-    and into uvicorn's re-raise. Idempotent; never raises."""
+def install(on_exit: Callable[[float], None]) -> None:
+    """Chain `on_exit(timeout)` (the exit documents) into SIGTERM/SIGINT where their
+    disposition is SIG_DFL, and into uvicorn's re-raise. Idempotent; never raises."""
     try:
+        if on_exit not in _on_exit:
+            _on_exit.append(on_exit)
         patch_uvicorn()
         if threading.current_thread() is not threading.main_thread():
             return  # signal.signal() is for the main thread only

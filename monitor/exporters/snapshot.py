@@ -53,6 +53,8 @@ import time
 from typing import Any
 
 from monitor.exporters import board, signals
+from monitor.locks import lock_snapshot
+from monitor.registry import monitors
 
 SNAPSHOT_VERSION = 1
 PREFIX = "pool-monitor-"
@@ -208,9 +210,6 @@ def process_snapshot(
     interval: float, exited: bool = False, writer: dict[str, int] | None = None
 ) -> dict[str, Any]:
     """This process's document: every live monitor's `snapshot()` and the app locks."""
-    from monitor.instrument import monitors
-    from monitor.locks import lock_snapshot
-
     ident = identity()
     pools = [_pool_snapshot(pm) for pm in monitors()]
     return {
@@ -240,8 +239,6 @@ def live_holds() -> list[tuple[Any, list[Any]]]:
     `list(dict.values())` runs in C under the GIL, so it is one consistent copy; the Hold
     objects themselves (new for every checkout, compared by identity) are what tells
     whether the set changed since the last check: no folding, no counting."""
-    from monitor.instrument import monitors
-
     out = []
     for pm in monitors():
         holds = pm.ledger.holds
@@ -559,7 +556,7 @@ def ensure_writer(directory: str, interval: float) -> None:
             writer.start()
             if board.current[0] is None:  # the first directory gets the process's board
                 board.open_board(os.path.join(directory, board_file_name(identity())))
-        signals.install()
+        signals.install(write_final)
     except Exception as exc:  # pragma: no cover - defensive: never break instrument()
         _count_error()
         log.warning("pool-monitor snapshot writer did not start for %r: %s", directory, exc)

@@ -1,6 +1,6 @@
 """The series a dashboard or rule may query, and the label names they carry.
 
-Why: the metric names are a contract (DESIGN.md). Panels look names up here instead of
+Why: the metric names are a contract (docs/metrics.md). Panels look names up here instead of
 typing them, so a typo fails at generation time, and the tests check every expression
 against `allowed_metric_names()` so nothing outside the contract sneaks in.
 """
@@ -24,7 +24,7 @@ LOCK = _label(LOCK_NAME)  # lock_name
 #: regex that the "All" value (`.*`) turns into match-anything, including the empty value.
 TARGET_LABELS: tuple[str, ...] = ("namespace", "job", "service")
 
-#: Series served by the sidecar's PostgreSQL collector (DESIGN.md, "Sidecar").
+#: Series served by the sidecar's PostgreSQL collector (docs/metrics.md, "Sidecar").
 PG_SERIES: tuple[str, ...] = (
     "pg_app_backends",
     "pg_app_idle_in_transaction_max_seconds",

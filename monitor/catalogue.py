@@ -1,9 +1,10 @@
 """The metric catalogue: one definition per metric, shared by every exporter.
 
 The names, kinds and units here are a contract with the dashboards, the alert rules and the
-Helm chart (see DESIGN.md). The Prometheus names are derived the way the OpenTelemetry
-Prometheus exporter derives them, so a user sees the same series whether they scrape us
-directly or go through an OpenTelemetry Collector.
+Helm chart; the reference users read, docs/metrics.md, is generated from it. The Prometheus
+names are derived the way the OpenTelemetry Prometheus exporter derives them, so a user
+sees the same series whether they scrape us directly or go through an OpenTelemetry
+Collector.
 """
 
 from __future__ import annotations

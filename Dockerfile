@@ -11,8 +11,12 @@
 # without a wheel for the platform); the final stage gets only the finished virtualenv.
 
 ARG PYTHON_VERSION=3.11
+# More packages for the image, e.g. `pglast` for the sidecar's --show-query-text (GPL-3.0,
+# so not in any extra): docker build --build-arg EXTRA_PACKAGES=pglast .
+ARG EXTRA_PACKAGES=""
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS build
+ARG EXTRA_PACKAGES
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -27,9 +31,14 @@ COPY pyproject.toml README.md ./
 COPY monitor/ monitor/
 COPY demo_app/ demo_app/
 COPY dashboards/ dashboards/
+# The wheel holds the library only; the demo and the dashboard generator, which the chart's
+# demo pod runs, are the repository's tools: copied beside the virtualenv, on its path.
 RUN pip install --upgrade pip \
-    && pip install ".[demo]" \
-    && pip check
+    && pip install ".[demo]" ${EXTRA_PACKAGES} \
+    && pip check \
+    && mkdir -p /opt/pool-monitor/tools \
+    && cp -r demo_app dashboards /opt/pool-monitor/tools/ \
+    && python -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()['purelib'], 'pool-monitor-tools.pth').write_text('/opt/pool-monitor/tools\n')"
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
 LABEL org.opencontainers.image.title="pool-monitor" \

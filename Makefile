@@ -5,7 +5,7 @@ SA20_VENV ?= .venv-sa20
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-sa20 compat compat-sa20 lint bench dashboards clean
+.PHONY: demo test test-sa20 compat compat-sa20 lint bench dashboards docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ lint: $(STAMP)
 dashboards: $(STAMP)
 	$(BIN)/python -m dashboards
 	$(BIN)/python helm/sync_files.py
+
+# Regenerate docs/metrics.md and docs/settings.md from the code (tests/test_docs.py checks them).
+docs: $(STAMP)
+	$(BIN)/python docs/generate.py
 
 bench: $(STAMP)
 	$(BIN)/pool-monitor bench $(ARGS)

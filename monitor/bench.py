@@ -164,9 +164,30 @@ def _run_worker(mode: str, url: str, args: argparse.Namespace) -> dict[str, list
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    from demo_app.embedded_pg import postgres_url
+def _database_url(args: argparse.Namespace, stack: ExitStack) -> str:
+    """--url, else DATABASE_URL, else an embedded PostgreSQL (`pgserver`, in the `demo`
+    extra) for the length of the run. psycopg 3 whatever scheme was given."""
+    url = args.url or os.environ.get("DATABASE_URL")
+    if not url:
+        try:
+            import pgserver
+        except ModuleNotFoundError:
+            print("pool-monitor bench: give --url or DATABASE_URL, or pip install pgserver "
+                  "for an embedded PostgreSQL", file=sys.stderr)  # fmt: skip
+            raise SystemExit(2) from None
+        data = stack.enter_context(tempfile.TemporaryDirectory(prefix="pool-monitor-pg-"))
+        server = pgserver.get_server(data, cleanup_mode="stop")
+        stack.callback(server.cleanup)
+        url = server.get_uri()
+    import sqlalchemy as sa
 
+    parsed = sa.engine.make_url(url)
+    if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     processes = ["paired"]
     otel_note = None
     if args.otel:
@@ -176,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     samples: dict[str, dict[str, list[float]]] = {}
     otel_bare: dict[str, list[float]] = {c: [] for c in CASES}
     with ExitStack() as stack:
-        url = args.url or stack.enter_context(postgres_url())
+        url = _database_url(args, stack)
         for _ in range(args.rounds):
             for process in processes:
                 for mode, cases in _run_worker(process, url, args).items():

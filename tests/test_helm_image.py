@@ -169,6 +169,26 @@ def test_installed_extra_covers_the_sidecar_and_the_demo() -> None:
     assert "uvicorn" in sidecar and "psycopg" in sidecar
 
 
+def test_the_image_carries_the_repository_s_tools_on_the_path(tmp_path: Path) -> None:
+    """The wheel holds `monitor` only; the chart's demo pod runs `demo_app` (and the image
+    `dashboards`), so the build copies them beside the virtualenv and puts them on its path
+    with a `.pth` file. The Dockerfile's own snippet is run here in a fresh venv."""
+    (install,) = [r for r in steps(stages()[0], "RUN") if 'pip install ".[' in r]
+    assert "cp -r demo_app dashboards /opt/pool-monitor/tools/" in install
+    snippet = re.search(r'python -c "([^"]+)"', install)
+    assert snippet, install
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-c", snippet.group(1)], check=True)  # as sh passes it
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    pth = Path(purelib) / "pool-monitor-tools.pth"
+    assert pth.read_text() == "/opt/pool-monitor/tools\n"
+
+
 # --------------------------------------------------------------------------- chart commands
 
 

@@ -30,10 +30,17 @@ def stale_files(directory: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dashboards", description=__doc__)
-    parser.add_argument("--out", type=Path, default=PACKAGE_DIR,
-                        help="directory to write json/ and rules/ into (default: %(default)s)")
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if any generated file is out of date")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=PACKAGE_DIR,
+        help="directory to write json/ and rules/ into (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if any generated file is out of date",
+    )
     args = parser.parse_args(argv)
     if args.check:
         stale = stale_files(args.out)

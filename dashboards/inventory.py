@@ -59,10 +59,14 @@ def variable_queries(models: Mapping[str, Mapping[str, Any]]) -> list[Expression
             query = var["query"] if isinstance(var["query"], str) else var["query"]["query"]
             if label_values_metric(query) is None:
                 raise ValueError(f"{name}: variable {var['name']}: unsupported query {query!r}")
-            inner = query.strip()[len("label_values("):-1]
+            inner = query.strip()[len("label_values(") : -1]
             selector, _, label = inner.rpartition(",")
-            found.append(Expression(f"{name}: variable ${var['name']}",
-                                    f"count by ({label.strip()}) ({selector.strip()})"))
+            found.append(
+                Expression(
+                    f"{name}: variable ${var['name']}",
+                    f"count by ({label.strip()}) ({selector.strip()})",
+                )
+            )
     return found
 
 

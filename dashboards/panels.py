@@ -41,8 +41,13 @@ class Q:
     heatmap: bool = False
 
     def build(self, ref: str) -> pb.Dataquery:
-        query = (pb.Dataquery().expr(self.expr).ref_id(ref).datasource(DATASOURCE)
-                 .editor_mode(pm.QueryEditorMode.CODE))  # fmt: skip
+        query = (
+            pb.Dataquery()
+            .expr(self.expr)
+            .ref_id(ref)
+            .datasource(DATASOURCE)
+            .editor_mode(pm.QueryEditorMode.CODE)
+        )
         if self.legend:
             query.legend_format(self.legend)
         if self.instant:
@@ -56,8 +61,9 @@ class Q:
         return query
 
 
-def _common(panel: Any, title: str, description: str, unit: str, queries: Sequence[Q],
-            w: int, h: int) -> None:  # fmt: skip
+def _common(
+    panel: Any, title: str, description: str, unit: str, queries: Sequence[Q], w: int, h: int
+) -> None:
     if not description.strip():
         raise ValueError(f"panel {title!r} needs a description")
     if not unit:
@@ -71,8 +77,10 @@ def _common(panel: Any, title: str, description: str, unit: str, queries: Sequen
 
 
 def _thresholds(steps: Steps) -> db.ThresholdsConfig:
-    return db.ThresholdsConfig().mode(dm.ThresholdsMode.ABSOLUTE).steps(
-        [dm.Threshold(value=v, color=c) for v, c in steps]
+    return (
+        db.ThresholdsConfig()
+        .mode(dm.ThresholdsMode.ABSOLUTE)
+        .steps([dm.Threshold(value=v, color=c) for v, c in steps])
     )
 
 
@@ -99,10 +107,15 @@ def timeseries_panel(
     panel = timeseries.Panel()
     _common(panel, title, description, unit, queries, w, h)
     panel.line_width(1).fill_opacity(40 if stack else 10).show_points(cm.VisibilityMode.NEVER)
-    panel.legend(cb.VizLegendOptions().show_legend(True).display_mode(cm.LegendDisplayMode.LIST)
-                 .placement(cm.LegendPlacement.BOTTOM))  # fmt: skip
-    panel.tooltip(cb.VizTooltipOptions().mode(cm.TooltipDisplayMode.MULTI)
-                  .sort(cm.SortOrder.DESCENDING))  # fmt: skip
+    panel.legend(
+        cb.VizLegendOptions()
+        .show_legend(True)
+        .display_mode(cm.LegendDisplayMode.LIST)
+        .placement(cm.LegendPlacement.BOTTOM)
+    )
+    panel.tooltip(
+        cb.VizTooltipOptions().mode(cm.TooltipDisplayMode.MULTI).sort(cm.SortOrder.DESCENDING)
+    )
     if min_ is not None:
         panel.min(min_)
     if max_ is not None:
@@ -116,17 +129,26 @@ def timeseries_panel(
             cb.GraphThresholdsStyleConfig().mode(cm.GraphThresholdsStyleMode.DASHED)
         )
     for name in unstacked:
-        panel.override_by_name(name, [
-            dm.DynamicConfigValue(id_val="custom.stacking", value={"mode": "none", "group": "A"}),
-            dm.DynamicConfigValue(id_val="custom.fillOpacity", value=0),
-            dm.DynamicConfigValue(id_val="custom.lineStyle", value={"fill": "dash",
-                                                                    "dash": [10, 10]}),
-            dm.DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": RED}),
-        ])  # fmt: skip
+        panel.override_by_name(
+            name,
+            [
+                dm.DynamicConfigValue(
+                    id_val="custom.stacking", value={"mode": "none", "group": "A"}
+                ),
+                dm.DynamicConfigValue(id_val="custom.fillOpacity", value=0),
+                dm.DynamicConfigValue(
+                    id_val="custom.lineStyle", value={"fill": "dash", "dash": [10, 10]}
+                ),
+                dm.DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": RED}),
+            ],
+        )
     for regex, color in (colors or {}).items():
-        panel.override_by_regexp(regex, [
-            dm.DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": color}),
-        ])  # fmt: skip
+        panel.override_by_regexp(
+            regex,
+            [
+                dm.DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": color}),
+            ],
+        )
     if repeat:
         panel.repeat(repeat).repeat_direction("h").max_per_row(2)
     return panel
@@ -150,10 +172,16 @@ def stat_panel(
     panel.color_mode(cm.BigValueColorMode.BACKGROUND).graph_mode(cm.BigValueGraphMode.AREA)
     panel.reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
     if mappings:
-        panel.mappings([dm.ValueMap(options={
-            value: dm.ValueMappingResult(text=text, color=color, index=i)
-            for i, (value, (text, color)) in enumerate(mappings.items())
-        })])  # fmt: skip
+        panel.mappings(
+            [
+                dm.ValueMap(
+                    options={
+                        value: dm.ValueMappingResult(text=text, color=color, index=i)
+                        for i, (value, (text, color)) in enumerate(mappings.items())
+                    }
+                )
+            ]
+        )
     return panel
 
 
@@ -173,10 +201,15 @@ def table_panel(
         raise ValueError(f"table {title!r} needs instant table-format queries")
     panel = table.Panel()
     _common(panel, title, description, unit, queries, w, h)
-    panel.with_transformation(dm.DataTransformerConfig(id_val="organize", options={
-        "excludeByName": {"Time": True},
-        "renameByName": {"Value": value_name},
-    }))  # fmt: skip
+    panel.with_transformation(
+        dm.DataTransformerConfig(
+            id_val="organize",
+            options={
+                "excludeByName": {"Time": True},
+                "renameByName": {"Value": value_name},
+            },
+        )
+    )
     panel.sort_by([cb.TableSortByFieldState().display_name(value_name).desc(True)])
     return panel
 
@@ -198,9 +231,14 @@ def heatmap_panel(
     _common(panel, title, description, "ops", [query], w, h)
     panel.calculate(False)
     panel.y_axis(heatmap.YAxisConfig().unit(y_unit))
-    panel.color(heatmap.HeatmapColorOptions().mode(hm.HeatmapColorMode.SCHEME)
-                .scheme("Oranges").scale(hm.HeatmapColorScale.EXPONENTIAL)
-                .exponent(0.5).fill("dark-orange"))  # fmt: skip
+    panel.color(
+        heatmap.HeatmapColorOptions()
+        .mode(hm.HeatmapColorMode.SCHEME)
+        .scheme("Oranges")
+        .scale(hm.HeatmapColorScale.EXPONENTIAL)
+        .exponent(0.5)
+        .fill("dark-orange")
+    )
     return panel
 
 
@@ -208,31 +246,54 @@ def query_variable(name: str, label: str, query: str, description: str) -> db.Qu
     """A multi-select variable over `label_values(...)`; "All" means `.*` (matches series
     that lack the label too, e.g. `namespace` outside Kubernetes)."""
     return (
-        db.QueryVariable(name).label(label).description(description).datasource(DATASOURCE)
-        .query(query).definition(query).multi(True).include_all(True).all_value(".*")
-        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.ALPHABETICAL_ASC)
+        db.QueryVariable(name)
+        .label(label)
+        .description(description)
+        .datasource(DATASOURCE)
+        .query(query)
+        .definition(query)
+        .multi(True)
+        .include_all(True)
+        .all_value(".*")
+        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(dm.VariableSort.ALPHABETICAL_ASC)
         .current(dm.VariableOption(selected=True, text="All", value="$__all"))
-    )  # fmt: skip
+    )
 
 
 def datasource_variable() -> db.DatasourceVariable:
-    return (db.DatasourceVariable("datasource").label("Data source").type("prometheus")
-            .description("The Prometheus that scrapes pool-monitor."))  # fmt: skip
+    return (
+        db.DatasourceVariable("datasource")
+        .label("Data source")
+        .type("prometheus")
+        .description("The Prometheus that scrapes pool-monitor.")
+    )
 
 
 class Board:
     """A dashboard under construction: numbers panels, places rows, encodes to a dict."""
 
-    def __init__(self, uid: str, title: str, description: str,
-                 variables: Sequence[cogbuilder.Builder[dm.VariableModel]]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        uid: str,
+        title: str,
+        description: str,
+        variables: Sequence[cogbuilder.Builder[dm.VariableModel]],
+    ) -> None:
         self._next_id = 1
         self._builder = (
-            db.Dashboard(title).uid(uid).description(description)
-            .tags(["pool-monitor", "sqlalchemy"]).editable().time("now-1h", "now")
-            .refresh("30s").timezone("browser").tooltip(dm.DashboardCursorSync.CROSSHAIR)
+            db.Dashboard(title)
+            .uid(uid)
+            .description(description)
+            .tags(["pool-monitor", "sqlalchemy"])
+            .editable()
+            .time("now-1h", "now")
+            .refresh("30s")
+            .timezone("browser")
+            .tooltip(dm.DashboardCursorSync.CROSSHAIR)
             .timepicker(db.TimePicker().refresh_intervals(["10s", "30s", "1m", "5m", "15m"]))
             .variables(list(variables))
-        )  # fmt: skip
+        )
 
     def row(self, title: str) -> Board:
         self._builder.with_row(db.Row(title).id(self._take_id()))
@@ -245,9 +306,14 @@ class Board:
         return self
 
     def link(self, title: str, tags: Sequence[str]) -> Board:
-        self._builder.link(db.DashboardLink(title).type(dm.DashboardLinkType.DASHBOARDS)
-                           .tags(list(tags)).as_dropdown(False).include_vars(True)
-                           .keep_time(True))  # fmt: skip
+        self._builder.link(
+            db.DashboardLink(title)
+            .type(dm.DashboardLinkType.DASHBOARDS)
+            .tags(list(tags))
+            .as_dropdown(False)
+            .include_vars(True)
+            .keep_time(True)
+        )
         return self
 
     def _take_id(self) -> int:

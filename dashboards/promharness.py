@@ -43,8 +43,10 @@ INTERVAL = "1s"
 
 
 def missing_binary_reason(name: str) -> str:
-    return (f"`{name}` not found on PATH; install Debian's `prometheus` package "
-            "(apt-get install prometheus), which provides `prometheus` and `promtool`")  # fmt: skip
+    return (
+        f"`{name}` not found on PATH; install Debian's `prometheus` package "
+        "(apt-get install prometheus), which provides `prometheus` and `promtool`"
+    )
 
 
 def require_binary(name: str) -> str:
@@ -78,8 +80,9 @@ class ScrapeTarget:
 class PrometheusError(RuntimeError):
     """Prometheus failed to start, or an API call failed; carries the HTTP status."""
 
-    def __init__(self, message: str, status: int | None = None,
-                 error_type: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, message: str, status: int | None = None, error_type: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.error_type = error_type
@@ -102,8 +105,9 @@ class Prometheus:
         self.url = url.rstrip("/")
         self.log_path = log_path
 
-    def _get(self, path: str, params: Mapping[str, str] | None = None,
-             timeout: float = 10) -> dict[str, Any]:  # fmt: skip
+    def _get(
+        self, path: str, params: Mapping[str, str] | None = None, timeout: float = 10
+    ) -> dict[str, Any]:
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
         try:
             with _OPENER.open(f"{self.url}{path}{query}", timeout=timeout) as response:
@@ -116,7 +120,8 @@ class Prometheus:
             raise PrometheusError(
                 f"GET {path} {dict(params or {})} -> HTTP {exc.code}: "
                 f"{err.get('errorType')}: {err.get('error')}",
-                status=exc.code, error_type=err.get("errorType"),
+                status=exc.code,
+                error_type=err.get("errorType"),
             ) from None
         if body.get("status") != "success":
             raise PrometheusError(f"GET {path} -> {body}")
@@ -151,8 +156,9 @@ class Prometheus:
     def targets(self) -> list[dict[str, Any]]:
         return list(self._get("/api/v1/targets")["data"]["activeTargets"])
 
-    def wait_for(self, probe: Callable[[], T | None], what: str, timeout: float = 30,
-                 interval: float = 0.25) -> T:  # fmt: skip
+    def wait_for(
+        self, probe: Callable[[], T | None], what: str, timeout: float = 30, interval: float = 0.25
+    ) -> T:
         """Call `probe` until it returns something truthy; fail after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         last_error: Exception | None = None
@@ -171,8 +177,9 @@ class Prometheus:
     def wait_for_data(self, expr: str, timeout: float = 30) -> list[dict[str, Any]]:
         return self.wait_for(lambda: self.query(expr), f"data from {expr!r}", timeout)
 
-    def wait_for_alert(self, name: str, state: str = "firing",
-                       timeout: float = 30) -> dict[str, Any]:  # fmt: skip
+    def wait_for_alert(
+        self, name: str, state: str = "firing", timeout: float = 30
+    ) -> dict[str, Any]:
         def probe() -> dict[str, Any] | None:
             for alert in self.alerts():
                 if alert["labels"].get("alertname") == name and alert["state"] == state:
@@ -206,14 +213,17 @@ def config(targets: Sequence[ScrapeTarget], rule_files: Iterable[str]) -> dict[s
             entry["labels"] = dict(target.labels)
         jobs.setdefault(target.job, []).append(entry)
     return {
-        "global": {"scrape_interval": INTERVAL, "scrape_timeout": INTERVAL,
-                   "evaluation_interval": INTERVAL},
+        "global": {
+            "scrape_interval": INTERVAL,
+            "scrape_timeout": INTERVAL,
+            "evaluation_interval": INTERVAL,
+        },
         "rule_files": list(rule_files),
         "scrape_configs": [
             {"job_name": job, "metrics_path": paths[job], "static_configs": entries}
             for job, entries in jobs.items()
         ],
-    }  # fmt: skip
+    }
 
 
 @contextlib.contextmanager
@@ -236,8 +246,9 @@ def running_prometheus(
     binary = binary or shutil.which("prometheus")
     if not binary:
         raise PrometheusError(missing_binary_reason("prometheus"))
-    rules = rule_files if rule_files is not None else render_rules(
-        thresholds, for_, severity, disabled)
+    rules = (
+        rule_files if rule_files is not None else render_rules(thresholds, for_, severity, disabled)
+    )
     with tempfile.TemporaryDirectory(prefix="pool-monitor-prom-") as tmp:
         root = Path(tmp)
         for name, text in rules.items():
@@ -249,11 +260,17 @@ def running_prometheus(
             port = _free_port()
             with log_path.open("wb") as log:
                 process = subprocess.Popen(
-                    [binary, f"--config.file={config_path}",
-                     f"--storage.tsdb.path={root / 'data'}",
-                     f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                    stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                )  # fmt: skip
+                    [
+                        binary,
+                        f"--config.file={config_path}",
+                        f"--storage.tsdb.path={root / 'data'}",
+                        f"--web.listen-address=127.0.0.1:{port}",
+                        "--log.level=warn",
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=root,
+                )
             prom = Prometheus(f"http://127.0.0.1:{port}", log_path)
             try:
                 _wait_ready(prom, process, startup_timeout)
@@ -273,8 +290,9 @@ def _wait_ready(prom: Prometheus, process: subprocess.Popen[bytes], timeout: flo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise PrometheusError(f"prometheus exited with {process.returncode}:\n"
-                                  f"{prom.log_tail()}")  # fmt: skip
+            raise PrometheusError(
+                f"prometheus exited with {process.returncode}:\n{prom.log_tail()}"
+            )
         try:
             with _OPENER.open(f"{prom.url}/-/ready", timeout=2) as response:
                 if response.status == 200:

@@ -13,10 +13,26 @@ import re
 from collections.abc import Mapping
 
 #: Words that look like identifiers but are operators, modifiers or literals.
-_KEYWORDS = frozenset({
-    "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
-    "bool", "offset", "atan2", "inf", "nan", "start", "end",
-})  # fmt: skip
+_KEYWORDS = frozenset(
+    {
+        "and",
+        "or",
+        "unless",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "offset",
+        "atan2",
+        "inf",
+        "nan",
+        "start",
+        "end",
+    }
+)
 
 #: Modifiers followed by a parenthesised list of label names (not series).
 _LABEL_LIST = re.compile(

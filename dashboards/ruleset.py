@@ -189,7 +189,8 @@ def alert_rules(cfg: Settings) -> list[Alert]:
     )
     return [
         Alert(
-            "PoolSaturated", pool_group,
+            "PoolSaturated",
+            pool_group,
             f"{SATURATION} > {n('pool_saturation_ratio')}",
             f"Pool {POOL_L} on {INSTANCE_L} is {{{{ $value | humanizePercentage }}}} used",
             f"Connections in use have stayed above {_pct(t['pool_saturation_ratio'])} of the "
@@ -198,27 +199,28 @@ def alert_rules(cfg: Settings) -> list[Alert]:
             "connections longest (Sessions and code sites dashboard) before raising pool_size.",
         ),
         Alert(
-            "PoolPendingRequestsSustained", pool_group,
-            f'{s.m("db.client.connection.pending_requests")} > {n("pending_requests")}',
-            f"{{{{ $value }}}} callers waiting for a connection from pool {POOL_L} "
-            f"on {INSTANCE_L}",
+            "PoolPendingRequestsSustained",
+            pool_group,
+            f"{s.m('db.client.connection.pending_requests')} > {n('pending_requests')}",
+            f"{{{{ $value }}}} callers waiting for a connection from pool {POOL_L} on {INSTANCE_L}",
             f"More than {format_number(t['pending_requests'])} callers have been queueing for "
             f"a connection for {f['PoolPendingRequestsSustained']}: every connection is "
             "checked out. Each request is slowed by the wait and fails after pool_timeout. "
             "Check the wait-time panels and which code sites hold connections.",
         ),
         Alert(
-            "PoolCheckoutTimeouts", pool_group,
-            f'increase({s.m("db.client.connection.timeouts")}[5m]) > {n("checkout_timeouts")}',
-            f"Pool {POOL_L} on {INSTANCE_L}: {{{{ $value | humanize }}}} checkouts timed out "
-            "in 5m",
+            "PoolCheckoutTimeouts",
+            pool_group,
+            f"increase({s.m('db.client.connection.timeouts')}[5m]) > {n('checkout_timeouts')}",
+            f"Pool {POOL_L} on {INSTANCE_L}: {{{{ $value | humanize }}}} checkouts timed out in 5m",
             "Callers gave up waiting for a connection after pool_timeout and got "
             "sqlalchemy.exc.TimeoutError: requests are failing. The pool is exhausted; find "
             "what holds connections (long-held, top code sites, idle-in-use share) and fix "
             "that before raising pool_size or pool_timeout.",
         ),
         Alert(
-            "PoolWaitTimeP95High", pool_group,
+            "PoolWaitTimeP95High",
+            pool_group,
             f'{quantile_name(WAIT)}{{quantile="0.95"}} > {n("wait_time_p95_seconds")}',
             f"Pool {POOL_L} ({JOB_L}): p95 wait for a connection is "
             "{{ $value | humanizeDuration }}",
@@ -228,14 +230,15 @@ def alert_rules(cfg: Settings) -> list[Alert]:
             "hold time by code site.",
         ),
         Alert(
-            "PoolLongHeldConnections", pool_group,
+            "PoolLongHeldConnections",
+            pool_group,
             # The gauge alone aliases: holds just past the threshold, sampled once per
             # scrape, can read 0 at every scrape. The events counter cannot miss one (the
             # watchdog counts each hold once as it crosses the threshold).
-            f'{s.m("sqlalchemy.pool.long_held")} > {n("long_held_connections")} or '
-            f'sum without (code_site) '
-            f'(increase({s.m("sqlalchemy.pool.long_held_events")}[5m])) '
-            f'> {n("long_held_connections")}',
+            f"{s.m('sqlalchemy.pool.long_held')} > {n('long_held_connections')} or "
+            f"sum without (code_site) "
+            f"(increase({s.m('sqlalchemy.pool.long_held_events')}[5m])) "
+            f"> {n('long_held_connections')}",
             f"Pool {POOL_L} on {INSTANCE_L}: connections held past the long-held threshold",
             f"Connections have been checked out longer than the application's long-held "
             f"threshold, for {f['PoolLongHeldConnections']} now. The application log has a "
@@ -243,7 +246,8 @@ def alert_rules(cfg: Settings) -> list[Alert]:
             "current stack: that shows what it is doing while holding the connection.",
         ),
         Alert(
-            "PoolHoldTimeMostlyIdle", pool_group,
+            "PoolHoldTimeMostlyIdle",
+            pool_group,
             f"{IDLE_SHARE} > {n('idle_in_use_share')} "
             f"and {HOLD_RATE} > {n('idle_in_use_min_held_connections')}",
             f"Pool {POOL_L} ({JOB_L}): {{{{ $value | humanizePercentage }}}} of hold time "
@@ -254,14 +258,15 @@ def alert_rules(cfg: Settings) -> list[Alert]:
             "idle-in-use seconds' and release the connection before the slow work.",
         ),
         Alert(
-            "PoolCrossThreadConnectionUse", pool_group,
+            "PoolCrossThreadConnectionUse",
+            pool_group,
             # A site's series is born at its first use, with no zero sample before it:
             # increase() cannot see that first use, so a series younger than the window
             # with a value counts too.
-            f'increase({s.m("sqlalchemy.pool.cross_thread_uses")}[10m]) '
-            f'> {n("cross_thread_uses")} or ({s.m("sqlalchemy.pool.cross_thread_uses")} '
-            f'> {n("cross_thread_uses")} unless '
-            f'{s.m("sqlalchemy.pool.cross_thread_uses")} offset 10m)',
+            f"increase({s.m('sqlalchemy.pool.cross_thread_uses')}[10m]) "
+            f"> {n('cross_thread_uses')} or ({s.m('sqlalchemy.pool.cross_thread_uses')} "
+            f"> {n('cross_thread_uses')} unless "
+            f"{s.m('sqlalchemy.pool.cross_thread_uses')} offset 10m)",
             f"Pool {POOL_L}: two threads took turns on one connection at "
             f"{{{{ $labels.{s.SITE} }}}}",
             "A thread used a connection again after another thread had used it in between: a "
@@ -271,8 +276,9 @@ def alert_rules(cfg: Settings) -> list[Alert]:
             "after the other, is not reported.",
         ),
         Alert(
-            "PostgresIdleInTransactionTooLong", pg_group,
-            f'pg_app_idle_in_transaction_max_seconds > {n("pg_idle_in_transaction_seconds")}',
+            "PostgresIdleInTransactionTooLong",
+            pg_group,
+            f"pg_app_idle_in_transaction_max_seconds > {n('pg_idle_in_transaction_seconds')}",
             f"{{{{ $labels.{s.APPLICATION} }}}} has a backend idle in transaction for "
             "{{ $value | humanizeDuration }}",
             "A connection opened a transaction and then stopped sending statements for over "
@@ -281,8 +287,9 @@ def alert_rules(cfg: Settings) -> list[Alert]:
             "compare with long-held connections of the pool with the same application_name.",
         ),
         Alert(
-            "PostgresConnectionsNearLimit", pg_group,
-            f'{PG_USAGE} > {n("pg_connections_usage_ratio")}',
+            "PostgresConnectionsNearLimit",
+            pg_group,
+            f"{PG_USAGE} > {n('pg_connections_usage_ratio')}",
             "PostgreSQL client backends at {{ $value | humanizePercentage }} of "
             "max_connections minus reserved",
             f"Client backends have stayed above {_pct(t['pg_connections_usage_ratio'])} of "
@@ -292,7 +299,8 @@ def alert_rules(cfg: Settings) -> list[Alert]:
             "replicas must stay below the server's limit: see backends by application.",
         ),
         Alert(
-            "PostgresCollectorDown", pg_group,
+            "PostgresCollectorDown",
+            pg_group,
             "pg_up == 0 or absent(pg_up)",
             "pool-monitor's PostgreSQL collector is down or not scraped",
             "The sidecar cannot query PostgreSQL (pg_up is 0), or no pg_up series is scraped "
@@ -301,8 +309,9 @@ def alert_rules(cfg: Settings) -> list[Alert]:
             "role.",
         ),
         Alert(
-            "PoolMonitorErrors", self_group,
-            f'increase({s.m("pool_monitor.errors")}[10m]) > {n("monitor_errors")}',
+            "PoolMonitorErrors",
+            self_group,
+            f"increase({s.m('pool_monitor.errors')}[10m]) > {n('monitor_errors')}",
             f"pool-monitor swallowed {{{{ $value | humanize }}}} errors in pool {POOL_L} on "
             f"{INSTANCE_L}",
             "An exception was raised inside pool-monitor's hooks and swallowed so the "
@@ -310,8 +319,9 @@ def alert_rules(cfg: Settings) -> list[Alert]:
             "application log has the traceback (logged once); please report it.",
         ),
         Alert(
-            "PoolMonitorSidecarScanStale", self_group,
-            f'{s.SIDECAR_SCAN_AGE} > {n("sidecar_scan_age_seconds")}',
+            "PoolMonitorSidecarScanStale",
+            self_group,
+            f"{s.SIDECAR_SCAN_AGE} > {n('sidecar_scan_age_seconds')}",
             f"pool-monitor sidecar on {INSTANCE_L} has not scanned its snapshots for "
             "{{ $value | humanizeDuration }}",
             "The sidecar's scan of the snapshot directory keeps failing or hangs (a file it "
@@ -319,7 +329,7 @@ def alert_rules(cfg: Settings) -> list[Alert]:
             "are frozen at the last good scan, and /readyz fails. The sidecar's log says why "
             "(once per streak); pool_monitor_sidecar_scan_errors_total counts the failures.",
         ),
-    ]  # fmt: skip
+    ]
 
 
 # --------------------------------------------------------------------------- rendering
@@ -352,14 +362,18 @@ def rule_groups(
             }
         )
     return {
-        "recording.yml": {"groups": [{
-            "name": "pool-monitor.recording",
-            "rules": [r.to_dict() for r in recording_rules()],
-        }]},
-        "alerts.yml": {"groups": [
-            {"name": name, "rules": rules} for name, rules in alerts_by_group.items()
-        ]},
-    }  # fmt: skip
+        "recording.yml": {
+            "groups": [
+                {
+                    "name": "pool-monitor.recording",
+                    "rules": [r.to_dict() for r in recording_rules()],
+                }
+            ]
+        },
+        "alerts.yml": {
+            "groups": [{"name": name, "rules": rules} for name, rules in alerts_by_group.items()]
+        },
+    }
 
 
 class _Dumper(yaml.SafeDumper):
@@ -370,8 +384,9 @@ class _Dumper(yaml.SafeDumper):
 
 
 def to_yaml(data: Mapping[str, Any]) -> str:
-    return yaml.dump(dict(data), Dumper=_Dumper, sort_keys=False, width=1_000_000,
-                     allow_unicode=True)  # fmt: skip
+    return yaml.dump(
+        dict(data), Dumper=_Dumper, sort_keys=False, width=1_000_000, allow_unicode=True
+    )
 
 
 def render_rules(
@@ -389,5 +404,4 @@ def render_rules(
     `OverrideError`. Values starting with ``{{`` pass through for Helm templating.
     """
     cfg = resolve(thresholds, for_, severity, disabled)
-    return {name: HEADER + to_yaml(doc)
-            for name, doc in rule_groups(cfg, runbook_base_url).items()}  # fmt: skip
+    return {name: HEADER + to_yaml(doc) for name, doc in rule_groups(cfg, runbook_base_url).items()}

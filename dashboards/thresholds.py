@@ -46,31 +46,70 @@ class AlertDefaults:
 
 
 THRESHOLDS: tuple[Threshold, ...] = (
-    Threshold("pool_saturation_ratio", 0.9, "ratio",
-              "used / max connections of one pool in one process"),
-    Threshold("pending_requests", 0, "callers",
-              "callers waiting for a connection (alert when above)"),
-    Threshold("checkout_timeouts", 0, "timeouts per 5m",
-              "checkouts that hit pool_timeout in the last 5 minutes"),
-    Threshold("wait_time_p95_seconds", 0.1, "seconds",
-              "95th percentile of the wait for a connection, over 5 minutes"),
-    Threshold("long_held_connections", 0, "connections",
-              "live checkouts older than the application's long-held threshold"),
-    Threshold("idle_in_use_share", 0.8, "ratio",
-              "share of hold time spent not executing SQL, over 5 minutes"),
-    Threshold("idle_in_use_min_held_connections", 0.5, "connections",
-              "average connections held; below this the idle share is not alerted on"),
-    Threshold("cross_thread_uses", 0, "uses per 10m",
-              "uses of a connection by a thread coming back to it after another thread"),
-    Threshold("pg_idle_in_transaction_seconds", 30, "seconds",
-              "age of the oldest idle-in-transaction backend of one application"),
-    Threshold("pg_connections_usage_ratio", 0.8, "ratio",
-              "client backends / (max_connections - reserved connections)"),
-    Threshold("monitor_errors", 0, "errors per 10m",
-              "exceptions swallowed inside pool-monitor's hooks"),
-    Threshold("sidecar_scan_age_seconds", 30, "seconds",
-              "time since the sidecar last scanned the snapshot directory successfully"),
-)  # fmt: skip
+    Threshold(
+        "pool_saturation_ratio", 0.9, "ratio", "used / max connections of one pool in one process"
+    ),
+    Threshold(
+        "pending_requests", 0, "callers", "callers waiting for a connection (alert when above)"
+    ),
+    Threshold(
+        "checkout_timeouts",
+        0,
+        "timeouts per 5m",
+        "checkouts that hit pool_timeout in the last 5 minutes",
+    ),
+    Threshold(
+        "wait_time_p95_seconds",
+        0.1,
+        "seconds",
+        "95th percentile of the wait for a connection, over 5 minutes",
+    ),
+    Threshold(
+        "long_held_connections",
+        0,
+        "connections",
+        "live checkouts older than the application's long-held threshold",
+    ),
+    Threshold(
+        "idle_in_use_share",
+        0.8,
+        "ratio",
+        "share of hold time spent not executing SQL, over 5 minutes",
+    ),
+    Threshold(
+        "idle_in_use_min_held_connections",
+        0.5,
+        "connections",
+        "average connections held; below this the idle share is not alerted on",
+    ),
+    Threshold(
+        "cross_thread_uses",
+        0,
+        "uses per 10m",
+        "uses of a connection by a thread coming back to it after another thread",
+    ),
+    Threshold(
+        "pg_idle_in_transaction_seconds",
+        30,
+        "seconds",
+        "age of the oldest idle-in-transaction backend of one application",
+    ),
+    Threshold(
+        "pg_connections_usage_ratio",
+        0.8,
+        "ratio",
+        "client backends / (max_connections - reserved connections)",
+    ),
+    Threshold(
+        "monitor_errors", 0, "errors per 10m", "exceptions swallowed inside pool-monitor's hooks"
+    ),
+    Threshold(
+        "sidecar_scan_age_seconds",
+        30,
+        "seconds",
+        "time since the sidecar last scanned the snapshot directory successfully",
+    ),
+)
 
 ALERTS: tuple[AlertDefaults, ...] = (
     AlertDefaults("PoolSaturated", "5m", "warning", ("pool_saturation_ratio",)),
@@ -78,17 +117,21 @@ ALERTS: tuple[AlertDefaults, ...] = (
     AlertDefaults("PoolCheckoutTimeouts", "1m", "critical", ("checkout_timeouts",)),
     AlertDefaults("PoolWaitTimeP95High", "5m", "warning", ("wait_time_p95_seconds",)),
     AlertDefaults("PoolLongHeldConnections", "2m", "warning", ("long_held_connections",)),
-    AlertDefaults("PoolHoldTimeMostlyIdle", "15m", "info",
-                  ("idle_in_use_share", "idle_in_use_min_held_connections")),
+    AlertDefaults(
+        "PoolHoldTimeMostlyIdle",
+        "15m",
+        "info",
+        ("idle_in_use_share", "idle_in_use_min_held_connections"),
+    ),
     AlertDefaults("PoolCrossThreadConnectionUse", "1m", "warning", ("cross_thread_uses",)),
-    AlertDefaults("PostgresIdleInTransactionTooLong", "1m", "warning",
-                  ("pg_idle_in_transaction_seconds",)),
-    AlertDefaults("PostgresConnectionsNearLimit", "2m", "warning",
-                  ("pg_connections_usage_ratio",)),
+    AlertDefaults(
+        "PostgresIdleInTransactionTooLong", "1m", "warning", ("pg_idle_in_transaction_seconds",)
+    ),
+    AlertDefaults("PostgresConnectionsNearLimit", "2m", "warning", ("pg_connections_usage_ratio",)),
     AlertDefaults("PostgresCollectorDown", "2m", "warning", ()),
     AlertDefaults("PoolMonitorErrors", "1m", "warning", ("monitor_errors",)),
     AlertDefaults("PoolMonitorSidecarScanStale", "1m", "warning", ("sidecar_scan_age_seconds",)),
-)  # fmt: skip
+)
 
 THRESHOLD_BY_NAME: dict[str, Threshold] = {t.name: t for t in THRESHOLDS}
 ALERT_BY_NAME: dict[str, AlertDefaults] = {a.alert: a for a in ALERTS}

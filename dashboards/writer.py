@@ -27,8 +27,9 @@ def dashboard_text(model: dict[str, object]) -> str:
 
 def expected_files() -> dict[str, str]:
     """{path relative to the package dir: content} for the dashboards and rule files."""
-    files = {f"{JSON_DIR}/{name}": dashboard_text(model)
-             for name, model in build_dashboards().items()}  # fmt: skip
+    files = {
+        f"{JSON_DIR}/{name}": dashboard_text(model) for name, model in build_dashboards().items()
+    }
     files.update({f"{RULES_DIR}/{name}": text for name, text in render_rules().items()})
     return files
 
@@ -54,7 +55,8 @@ def write_all(out_dir: Path) -> list[Path]:
         written.append(path)
     readme = out_dir / README
     if readme.exists():
-        readme.write_text(with_thresholds_table(readme.read_text(encoding="utf-8")),
-                          encoding="utf-8")  # fmt: skip
+        readme.write_text(
+            with_thresholds_table(readme.read_text(encoding="utf-8")), encoding="utf-8"
+        )
         written.append(readme)
     return written

@@ -427,8 +427,9 @@ def expected_files() -> dict[Path, str]:
 def stale_files() -> list[Path]:
     """Files that differ from what `expected_files()` makes, plus copies nobody makes."""
     expected = expected_files()
-    stale = [p for p, text in expected.items()
-             if not p.exists() or p.read_text(encoding="utf-8") != text]  # fmt: skip
+    stale = [
+        p for p, text in expected.items() if not p.exists() or p.read_text(encoding="utf-8") != text
+    ]
     stale += [p for p in (CHART_DIR / "files" / "dashboards").glob("*.json") if p not in expected]
     return stale
 
@@ -452,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if a file is out of date")  # fmt: skip
+    parser.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if a file is out of date"
+    )
     args = parser.parse_args(argv)
     if args.check:
         stale = stale_files()

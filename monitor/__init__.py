@@ -1,8 +1,8 @@
 """pool-monitor: observability for SQLAlchemy connection pools.
 
-    import monitor
-    pm = monitor.instrument(engine, pool_name="api", long_held_threshold=5.0)
-    app.add_route("/metrics", monitor.metrics_app())
+import monitor
+pm = monitor.instrument(engine, pool_name="api", long_held_threshold=5.0)
+app.add_route("/metrics", monitor.metrics_app())
 """
 
 from __future__ import annotations

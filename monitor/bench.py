@@ -92,16 +92,18 @@ def worker(mode: str, url: str, cycles: int, batches: int, depth: int) -> dict[s
     counts = {"empty": cycles, "handler": cycles, "select1": max(1, cycles // 5)}
     timers = {case: _timer(engine, case, counts[case], depth) for case in CASES}
     modes = ("instrumented", "no_code_sites", "with_sidecar") if mode == "paired" else ("otel",)
-    out: dict[str, dict[str, list[float]]] = {m: {c: [] for c in CASES}
-                                              for m in ("bare", *modes)}  # fmt: skip
+    out: dict[str, dict[str, list[float]]] = {m: {c: [] for c in CASES} for m in ("bare", *modes)}
     for case in CASES:  # warm up: connections open, caches and specializations filled
         timers[case]()
     if mode == "paired":
         from monitor.exporters import snapshot
 
         snapshots = tempfile.mkdtemp(prefix="pool-monitor-bench-")
-        settings = {"instrumented": {}, "no_code_sites": {"code_sites": False},
-                    "with_sidecar": {"snapshot_dir": snapshots}}  # fmt: skip
+        settings = {
+            "instrumented": {},
+            "no_code_sites": {"code_sites": False},
+            "with_sidecar": {"snapshot_dir": snapshots},
+        }
         for _ in range(batches):
             for case in CASES:
                 out["bare"][case].append(timers[case]())
@@ -119,8 +121,9 @@ def worker(mode: str, url: str, cycles: int, batches: int, depth: int) -> dict[s
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.trace import TracerProvider
 
-        SQLAlchemyInstrumentor().instrument(engine=engine, meter_provider=MeterProvider(),
-                                            tracer_provider=TracerProvider())  # fmt: skip
+        SQLAlchemyInstrumentor().instrument(
+            engine=engine, meter_provider=MeterProvider(), tracer_provider=TracerProvider()
+        )
         for case in CASES:
             timers[case]()
         for _ in range(batches):
@@ -155,9 +158,21 @@ def _otel_unavailable() -> str | None:
 
 
 def _run_worker(mode: str, url: str, args: argparse.Namespace) -> dict[str, list[float]]:
-    command = [sys.executable, "-m", "monitor.bench", "--worker", mode, "--url", url,
-               "--cycles", str(args.cycles), "--batches", str(args.batches),
-               "--depth", str(args.depth)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "monitor.bench",
+        "--worker",
+        mode,
+        "--url",
+        url,
+        "--cycles",
+        str(args.cycles),
+        "--batches",
+        str(args.batches),
+        "--depth",
+        str(args.depth),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"bench worker {mode!r} failed:\n{done.stderr[-2000:]}")
@@ -172,8 +187,11 @@ def _database_url(args: argparse.Namespace, stack: ExitStack) -> str:
         try:
             import pgserver
         except ModuleNotFoundError:
-            print("pool-monitor bench: give --url or DATABASE_URL, or pip install pgserver "
-                  "for an embedded PostgreSQL", file=sys.stderr)  # fmt: skip
+            print(
+                "pool-monitor bench: give --url or DATABASE_URL, or pip install pgserver "
+                "for an embedded PostgreSQL",
+                file=sys.stderr,
+            )
             raise SystemExit(2) from None
         data = stack.enter_context(tempfile.TemporaryDirectory(prefix="pool-monitor-pg-"))
         server = pgserver.get_server(data, cleanup_mode="stop")
@@ -207,13 +225,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     for case, values in cases.items():
                         samples.setdefault(mode, {c: [] for c in CASES})[case].extend(values)
-    medians = {m: {c: statistics.median(v) for c, v in cases.items()}
-               for m, cases in samples.items()}  # fmt: skip
+    medians = {
+        m: {c: statistics.median(v) for c, v in cases.items()} for m, cases in samples.items()
+    }
     spreads = {m: {c: _iqr(v) for c, v in cases.items()} for m, cases in samples.items()}
     result: dict[str, Any] = {
-        "medians_us": medians, "iqr_us": spreads, "otel_note": otel_note, "cycles": args.cycles,
-        "batches": args.batches, "rounds": args.rounds, "depth": args.depth,
-        "python": sys.version.split()[0], "sqlalchemy": _sa_version()}  # fmt: skip
+        "medians_us": medians,
+        "iqr_us": spreads,
+        "otel_note": otel_note,
+        "cycles": args.cycles,
+        "batches": args.batches,
+        "rounds": args.rounds,
+        "depth": args.depth,
+        "python": sys.version.split()[0],
+        "sqlalchemy": _sa_version(),
+    }
     if "otel" in medians:  # OTel against the bare batches of its own processes
         result["otel_bare_us"] = {c: statistics.median(v) for c, v in otel_bare.items()}
     return result
@@ -246,8 +272,10 @@ def report(result: dict[str, Any]) -> str:
         bare = result.get("otel_bare_us", medians["bare"]) if mode == "otel" else medians["bare"]
         for case, value in cases.items():
             spread = result.get("iqr_us", {}).get(mode, {}).get(case, 0.0)
-            lines.append(f"{mode:<14}{case:<10}{value:>17.2f}{value - bare[case]:>+13.2f}"
-                         f"{value / bare[case]:>8.2f}{spread:>9.2f}")  # fmt: skip
+            lines.append(
+                f"{mode:<14}{case:<10}{value:>17.2f}{value - bare[case]:>+13.2f}"
+                f"{value / bare[case]:>8.2f}{spread:>9.2f}"
+            )
     lines.append(
         "instrumented = default settings; no_code_sites = code_sites=False; "
         "with_sidecar = snapshot_dir set (the snapshot thread runs, holds go on the board). "

@@ -88,8 +88,9 @@ def _parse_prefixes(name: str, raw: object) -> tuple[str, ...]:
         return tuple(p for p in parts if p)
     if isinstance(raw, (list, tuple)) and all(isinstance(p, str) for p in raw):
         return tuple(raw)
-    raise ConfigError(f"{name} must be a list of path prefixes (or a comma-separated string), "
-                      f"got {raw!r}")
+    raise ConfigError(
+        f"{name} must be a list of path prefixes (or a comma-separated string), got {raw!r}"
+    )
 
 
 _TRUE = ("1", "true", "yes", "on")
@@ -139,8 +140,9 @@ SETTING_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Settings))
 _ENV_SETTINGS = tuple(n for n in SETTING_NAMES if n != "on_long_held")
 
 
-def load_settings(overrides: Mapping[str, object], environ: Mapping[str, str] | None = None
-                  ) -> Settings:  # fmt: skip
+def load_settings(
+    overrides: Mapping[str, object], environ: Mapping[str, str] | None = None
+) -> Settings:
     """Merge keyword overrides over `POOL_MONITOR_*` variables over defaults; validate all."""
     environ = os.environ if environ is None else environ
     unknown = sorted(set(overrides) - set(SETTING_NAMES))

@@ -32,8 +32,12 @@ class Histogram:
         return sum(self.counts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum,
-                "count": sum(self.counts)}  # fmt: skip
+        return {
+            "bounds": list(self.bounds),
+            "counts": list(self.counts),
+            "sum": self.sum,
+            "count": sum(self.counts),
+        }
 
 
 def cumulative_buckets(data: dict[str, Any]) -> list[tuple[str, int]]:

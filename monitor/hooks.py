@@ -52,9 +52,13 @@ def swallow(monitor: Monitored, where: str, exc: BaseException) -> None:
         first = key not in ledger.logged_once
         ledger.logged_once.add(key)
     if first:
-        log.error("pool-monitor: %s hook failed for pool %r (counted in "
-                  "pool_monitor_errors_total; logged once)", where, monitor.name,
-                  exc_info=exc)  # fmt: skip
+        log.error(
+            "pool-monitor: %s hook failed for pool %r (counted in "
+            "pool_monitor_errors_total; logged once)",
+            where,
+            monitor.name,
+            exc_info=exc,
+        )
 
 
 def backend_pid(rec: Any) -> int | None:
@@ -146,10 +150,15 @@ def build_hooks(monitor: Monitored) -> dict[str, Callable[..., Any]]:
                     now = _perf()
                     rec = fairy._connection_record
                     loop = _get_running_loop()
-                    hold = Hold(now, now - started, _get_ident(),
-                                current_task(loop) if loop else None,
-                                find_site(_getframe(1)) if code_sites else None,
-                                rec, rec.fairy_ref)  # fmt: skip
+                    hold = Hold(
+                        now,
+                        now - started,
+                        _get_ident(),
+                        current_task(loop) if loop else None,
+                        find_site(_getframe(1)) if code_sites else None,
+                        rec,
+                        rec.fairy_ref,
+                    )
                     board = board_cell[0]
                     if board is not None:  # on the board before anyone can return it
                         try:
@@ -330,18 +339,31 @@ def build_hooks(monitor: Monitored) -> dict[str, Callable[..., Any]]:
         if first:
             user, other_user, holder = thread_labels((thread, other, hold.thread), hold.users)
             borrowed_at, used_at = monitor.sites.name(hold.site), monitor.sites.name(site)
-            how = ("again after thread %s had used it in between (two threads taking "
-                   "turns on one connection)" if kind == CROSS_THREAD
-                   else "while thread %s's statement was still running on it")  # fmt: skip
+            how = (
+                "again after thread %s had used it in between (two threads taking "
+                "turns on one connection)"
+                if kind == CROSS_THREAD
+                else "while thread %s's statement was still running on it"
+            )
             misuse_log.warning(
-                "pool %r: connection checked out at %s was used by thread %s at %s " + how
-                + " (logged once per site)", monitor.name, borrowed_at, user, used_at,
+                "pool %r: connection checked out at %s was used by thread %s at %s "
+                + how
+                + " (logged once per site)",
+                monitor.name,
+                borrowed_at,
+                user,
+                used_at,
                 other_user,
-                extra={"pool": monitor.name, "misuse": label,
-                       "checkout_thread": holder,
-                       "use_thread": user, "other_thread": other_user,
-                       "checkout_site": borrowed_at, "use_site": used_at},
-            )  # fmt: skip
+                extra={
+                    "pool": monitor.name,
+                    "misuse": label,
+                    "checkout_thread": holder,
+                    "use_thread": user,
+                    "other_thread": other_user,
+                    "checkout_site": borrowed_at,
+                    "use_site": used_at,
+                },
+            )
 
     def changed_hands(hold: Hold, thread: int) -> None:
         """A statement from another thread than the hold's last user. Handing a connection
@@ -456,8 +478,9 @@ def dialect_wrappers(
     executemany = dialect.do_executemany
     execute_no_params = dialect.do_execute_no_params
 
-    def do_execute(cursor: Any, statement: Any, parameters: Any, context: Any = None,
-                   **kw: Any) -> Any:  # fmt: skip
+    def do_execute(
+        cursor: Any, statement: Any, parameters: Any, context: Any = None, **kw: Any
+    ) -> Any:
         hold = started(context) if context is not None else None
         if hold is None:
             return execute(cursor, statement, parameters, context, **kw)
@@ -466,8 +489,9 @@ def dialect_wrappers(
         finally:
             finished(hold)
 
-    def do_executemany(cursor: Any, statement: Any, parameters: Any, context: Any = None,
-                       **kw: Any) -> Any:  # fmt: skip
+    def do_executemany(
+        cursor: Any, statement: Any, parameters: Any, context: Any = None, **kw: Any
+    ) -> Any:
         hold = started(context) if context is not None else None
         if hold is None:
             return executemany(cursor, statement, parameters, context, **kw)
@@ -476,8 +500,7 @@ def dialect_wrappers(
         finally:
             finished(hold)
 
-    def do_execute_no_params(cursor: Any, statement: Any, context: Any = None,
-                             **kw: Any) -> Any:  # fmt: skip
+    def do_execute_no_params(cursor: Any, statement: Any, context: Any = None, **kw: Any) -> Any:
         hold = started(context) if context is not None else None
         if hold is None:
             return execute_no_params(cursor, statement, context, **kw)
@@ -486,9 +509,12 @@ def dialect_wrappers(
         finally:
             finished(hold)
 
-    wrappers = {"connect": connect_, "do_execute": do_execute,
-                "do_executemany": do_executemany,
-                "do_execute_no_params": do_execute_no_params}  # fmt: skip
+    wrappers = {
+        "connect": connect_,
+        "do_execute": do_execute,
+        "do_executemany": do_executemany,
+        "do_execute_no_params": do_execute_no_params,
+    }
     for wrapper in wrappers.values():
         wrapper.__pool_monitor__ = True  # type: ignore[attr-defined]
     return wrappers
@@ -498,6 +524,5 @@ def dialect_wrappers(
 #: followed by `detach` (asyncio GC), or concerns an already detached connection, and when
 #: a reset raises, `_finalize_fairy` invalidates and returns the record. A `reset` listener
 #: would cost ~1.3 µs on every checkin (SQLAlchemy builds a PoolResetState for it).
-POOL_EVENTS = ("connect", "detach", "close", "close_detached", "invalidate",
-               "soft_invalidate")  # fmt: skip
+POOL_EVENTS = ("connect", "detach", "close", "close_detached", "invalidate", "soft_invalidate")
 DIALECT_METHODS = ("connect", "do_execute", "do_executemany", "do_execute_no_params")

@@ -79,5 +79,11 @@ def _unique_name(pool_name: str | None, engine: Engine) -> str:
     return candidate
 
 
-__all__ = ["LongHeldEvent", "PoolMonitor", "instrument", "monitors", "on_every_monitor",
-           "uninstrument"]  # fmt: skip
+__all__ = [
+    "LongHeldEvent",
+    "PoolMonitor",
+    "instrument",
+    "monitors",
+    "on_every_monitor",
+    "uninstrument",
+]

@@ -24,8 +24,14 @@ from monitor.sites import SiteKey
 
 #: Indexes into a site's totals list.
 USE, IDLE, CHECKOUTS, LONG_HELD, CROSS_THREAD, CONCURRENT = range(6)
-SITE_FIELDS = ("use_time", "idle_in_use_time", "checkouts", "long_held_events",
-               "cross_thread_uses", "concurrent_uses")  # fmt: skip
+SITE_FIELDS = (
+    "use_time",
+    "idle_in_use_time",
+    "checkouts",
+    "long_held_events",
+    "cross_thread_uses",
+    "concurrent_uses",
+)
 
 #: Raw observations kept per OpenTelemetry bridge between two of its collections.
 OTEL_QUEUE_LIMIT = 200_000
@@ -36,12 +42,38 @@ FOLD_LIMIT = 20_000
 class Hold:
     """One checkout: who borrowed the connection, where, and how it is being used."""
 
-    __slots__ = ("alerted", "board", "counted", "depth", "end", "exec_thread",
-                 "fairy_ref", "record", "shared", "site", "slot", "sql", "sql_t0", "start",
-                 "task_ref", "thread", "user", "users", "waited")  # fmt: skip
+    __slots__ = (
+        "alerted",
+        "board",
+        "counted",
+        "depth",
+        "end",
+        "exec_thread",
+        "fairy_ref",
+        "record",
+        "shared",
+        "site",
+        "slot",
+        "sql",
+        "sql_t0",
+        "start",
+        "task_ref",
+        "thread",
+        "user",
+        "users",
+        "waited",
+    )
 
-    def __init__(self, start: float, waited: float, thread: int, task: Any,
-                 site: SiteKey | None, record: Any, fairy_ref: Any) -> None:  # fmt: skip
+    def __init__(
+        self,
+        start: float,
+        waited: float,
+        thread: int,
+        task: Any,
+        site: SiteKey | None,
+        record: Any,
+        fairy_ref: Any,
+    ) -> None:
         self.start = start
         self.waited = waited
         self.thread = thread  # the thread that checked it out
@@ -74,10 +106,24 @@ class Hold:
 
 
 class Counters:
-    __slots__ = ("cancelled_waits", "checkouts", "closes", "connect_errors", "connects",
-                 "detaches", "errors", "handoffs", "idle_in_use_time", "invalidations_hard",
-                 "invalidations_soft", "otel_dropped", "sql_time", "timeouts",
-                 "untracked_checkouts", "untracked_returns")  # fmt: skip
+    __slots__ = (
+        "cancelled_waits",
+        "checkouts",
+        "closes",
+        "connect_errors",
+        "connects",
+        "detaches",
+        "errors",
+        "handoffs",
+        "idle_in_use_time",
+        "invalidations_hard",
+        "invalidations_soft",
+        "otel_dropped",
+        "sql_time",
+        "timeouts",
+        "untracked_checkouts",
+        "untracked_returns",
+    )
 
     def __init__(self) -> None:
         for name in self.__slots__:
@@ -116,9 +162,20 @@ class SiteTable:
 class Ledger:
     """Everything one instrumented pool has measured in this process."""
 
-    __slots__ = ("closed", "counters", "create_time", "holds", "lock", "logged_once",
-                 "otel_queues", "pids", "sites", "use_time", "wait_time",
-                 "waiting")  # fmt: skip
+    __slots__ = (
+        "closed",
+        "counters",
+        "create_time",
+        "holds",
+        "lock",
+        "logged_once",
+        "otel_queues",
+        "pids",
+        "sites",
+        "use_time",
+        "wait_time",
+        "waiting",
+    )
 
     def __init__(self, max_sites: int, name_of: Callable[[SiteKey | None], str]) -> None:
         self.lock = threading.Lock()
@@ -149,8 +206,7 @@ class Ledger:
         reinit = getattr(self.lock, "_at_fork_reinit", None)
         if reinit is not None:
             reinit()
-        for container in (self.holds, self.closed, self.waiting, self.pids,
-                          *self.otel_queues):  # fmt: skip
+        for container in (self.holds, self.closed, self.waiting, self.pids, *self.otel_queues):
             container.clear()
         self._zero()
 
@@ -276,10 +332,12 @@ class Ledger:
                 "holds": holds,
                 "pending": len(self.waiting),
                 "counters": self.counters.to_dict(),
-                "histograms": {"db.client.connection.create_time": self.create_time.to_dict(),
-                               "db.client.connection.wait_time": self.wait_time.to_dict(),
-                               "db.client.connection.use_time": self.use_time.to_dict()},
-            }  # fmt: skip
+                "histograms": {
+                    "db.client.connection.create_time": self.create_time.to_dict(),
+                    "db.client.connection.wait_time": self.wait_time.to_dict(),
+                    "db.client.connection.use_time": self.use_time.to_dict(),
+                },
+            }
         if any(other):
             rows.append((OTHER_SITE, other))
         columns: dict[str, dict[str, float]] = {f: {} for f in SITE_FIELDS}

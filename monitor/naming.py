@@ -17,8 +17,7 @@ def thread_name(ident: int, last_known: str | None = None) -> str:
     return last_known if last_known is not None else f"thread-{ident}"
 
 
-def thread_labels(idents: Iterable[int], last_known: Mapping[int, str] | None = None
-                  ) -> list[str]:  # fmt: skip
+def thread_labels(idents: Iterable[int], last_known: Mapping[int, str] | None = None) -> list[str]:
     """Names for threads shown side by side, quoted, with their idents where one name
     stands for several threads (every threadpool worker is 'AnyIO worker thread').
     `last_known` names threads that may have ended since."""
@@ -28,8 +27,10 @@ def thread_labels(idents: Iterable[int], last_known: Mapping[int, str] | None = 
     threads_named: dict[str, set[int]] = {}
     for ident, name in zip(idents, names, strict=True):
         threads_named.setdefault(name, set()).add(ident)
-    return [f"{name!r} (ident {ident})" if len(threads_named[name]) > 1 else repr(name)
-            for name, ident in zip(names, idents, strict=True)]  # fmt: skip
+    return [
+        f"{name!r} (ident {ident})" if len(threads_named[name]) > 1 else repr(name)
+        for name, ident in zip(names, idents, strict=True)
+    ]
 
 
 def task_name(task: Any) -> str | None:

@@ -36,8 +36,7 @@ long_held_log = logging.getLogger("monitor.long_held")
 
 _serials = itertools.count(1)
 
-_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433,
-                  "oracle": 1521}  # fmt: skip
+_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433, "oracle": 1521}
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,9 @@ def _sync_engine(engine: Any) -> Engine:
     returns an OptionEngine that shares its parent's pool and dialect."""
     sync = getattr(engine, "sync_engine", engine)
     if not isinstance(sync, Engine):
-        raise TypeError(f"instrument() needs a SQLAlchemy Engine or AsyncEngine, got "
-                        f"{type(engine).__name__}")  # fmt: skip
+        raise TypeError(
+            f"instrument() needs a SQLAlchemy Engine or AsyncEngine, got {type(engine).__name__}"
+        )
     while isinstance(getattr(sync, "_proxied", None), Engine):
         sync = sync._proxied  # type: ignore[attr-defined]
     return sync
@@ -108,8 +108,9 @@ class PoolMonitor:
         engine = self.engine
         assert engine is not None
         dialect = engine.dialect
-        wrappers = dialect_wrappers(dialect, self.hooks["statement_started"],
-                                    self.hooks["statement_finished"])  # fmt: skip
+        wrappers = dialect_wrappers(
+            dialect, self.hooks["statement_started"], self.hooks["statement_finished"]
+        )
         self._dialect_saved = {n: dialect.__dict__[n] for n in wrappers if n in dialect.__dict__}
         for name, wrapper in wrappers.items():
             setattr(dialect, name, wrapper)
@@ -175,11 +176,18 @@ class PoolMonitor:
         site = self.sites.name(hold.site)
         long_held_log.info(
             "pool %r: long-held connection from %s returned after %.3f s in all",
-            self.name, site, held,
-            extra={"pool": self.name, "site": site, "held_s": held,
-                   "thread_name": thread_name(hold.thread), "task_name": task_name(hold.task),
-                   "backend_pid": self.backend_pid(hold)},
-        )  # fmt: skip
+            self.name,
+            site,
+            held,
+            extra={
+                "pool": self.name,
+                "site": site,
+                "held_s": held,
+                "thread_name": thread_name(hold.thread),
+                "task_name": task_name(hold.task),
+                "backend_pid": self.backend_pid(hold),
+            },
+        )
 
     # -- reading --------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -209,14 +217,15 @@ class PoolMonitor:
             "sqlalchemy.pool.long_held": sum(1 for a in ages if threshold and a >= threshold),
         }
         gauges = {k: v for k, v in gauges.items() if v is not None}
-        for field_name in ("checkouts", "long_held_events", "cross_thread_uses",
-                           "concurrent_uses"):  # fmt: skip
+        for field_name in ("checkouts", "long_held_events", "cross_thread_uses", "concurrent_uses"):
             sites[field_name] = {k: int(v) for k, v in sites[field_name].items()}
         result_counters: dict[str, Any] = {
             "db.client.connection.timeouts": counters["timeouts"],
             "sqlalchemy.pool.checkouts": counters["checkouts"],
-            "sqlalchemy.pool.invalidations": {"hard": counters["invalidations_hard"],
-                                              "soft": counters["invalidations_soft"]},
+            "sqlalchemy.pool.invalidations": {
+                "hard": counters["invalidations_hard"],
+                "soft": counters["invalidations_soft"],
+            },
             "sqlalchemy.pool.connect_errors": counters["connect_errors"],
             "sqlalchemy.pool.long_held_events": sites["long_held_events"],
             "sqlalchemy.pool.sql_time": counters["sql_time"],
@@ -227,7 +236,7 @@ class PoolMonitor:
             "sqlalchemy.pool.cross_thread_uses": sites["cross_thread_uses"],
             "sqlalchemy.pool.concurrent_uses": sites["concurrent_uses"],
             "pool_monitor.errors": counters["errors"],
-        }  # fmt: skip
+        }
         return {
             "version": SNAPSHOT_VERSION,
             "pool": self.name,
@@ -240,8 +249,7 @@ class PoolMonitor:
             "internal": counters,
         }
 
-    def _hold_dict(self, hold: Hold, now: float, wall: float, threshold: float
-                   ) -> dict[str, Any]:  # fmt: skip
+    def _hold_dict(self, hold: Hold, now: float, wall: float, threshold: float) -> dict[str, Any]:
         age = now - hold.start
         sql = hold.sql + (now - hold.sql_t0 if hold.depth and hold.sql_t0 else 0.0)
         return {

@@ -105,8 +105,9 @@ def returns_to_a_monitor(pool: Any) -> bool:
     return getattr(pool.__dict__.get("_return_conn"), MARK, None) is not None
 
 
-def _wrap_recreate(pool: Any, base_recreate: Callable[[Any], Any],
-                   monitor: Patching) -> Callable[[], Any]:  # fmt: skip
+def _wrap_recreate(
+    pool: Any, base_recreate: Callable[[Any], Any], monitor: Patching
+) -> Callable[[], Any]:
     pool_ref = weakref.ref(pool)
 
     def recreate() -> Any:

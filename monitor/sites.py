@@ -58,8 +58,12 @@ class SiteFinder:
     """Finds and formats code sites; one per pool (the prefixes are per-pool settings)."""
 
     def __init__(self, exclude: Iterable[str] = (), include: Iterable[str] = ()) -> None:
-        self._library = (_MONITOR_DIR, _SQLALCHEMY_DIR, *_library_dirs(),
-                         *(_absolute(p) for p in exclude))  # fmt: skip
+        self._library = (
+            _MONITOR_DIR,
+            _SQLALCHEMY_DIR,
+            *_library_dirs(),
+            *(_absolute(p) for p in exclude),
+        )
         self._include = tuple(_absolute(p) for p in include)
         self._verdicts: dict[str, bool] = {}  # by file name: True = library
         self._names: dict[SiteKey, str] = {}
@@ -166,8 +170,9 @@ def relative_path(filename: str) -> str:
 
 def format_stack(frames: Iterable[FrameType]) -> list[str]:
     """`path:LINE:function` lines, innermost last (the order of a traceback)."""
-    return [f"{relative_path(f.f_code.co_filename)}:{f.f_lineno}:{f.f_code.co_name}"
-            for f in frames]  # fmt: skip
+    return [
+        f"{relative_path(f.f_code.co_filename)}:{f.f_lineno}:{f.f_code.co_name}" for f in frames
+    ]
 
 
 def walk_frames(frame: FrameType | None) -> list[FrameType]:

@@ -48,8 +48,9 @@ def ensure_running() -> None:
 
 
 def wake_interval(pools: list[PoolMonitor]) -> float:
-    thresholds = [pm.settings.long_held_threshold for pm in pools
-                  if pm.settings.long_held_threshold > 0]  # fmt: skip
+    thresholds = [
+        pm.settings.long_held_threshold for pm in pools if pm.settings.long_held_threshold > 0
+    ]
     if not thresholds:
         return _MAX_WAKE
     return min(_MAX_WAKE, max(_MIN_WAKE, min(thresholds) / 10.0))
@@ -108,13 +109,18 @@ def task_frames(task: Any) -> list[FrameType]:
     for _ in range(256):  # an await chain is never this deep; a cycle must not hang us
         if awaitable is None:
             break
-        frame = (getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)
-                 or getattr(awaitable, "ag_frame", None))  # fmt: skip
+        frame = (
+            getattr(awaitable, "cr_frame", None)
+            or getattr(awaitable, "gi_frame", None)
+            or getattr(awaitable, "ag_frame", None)
+        )
         if frame is not None:
             frames.append(frame)
-        awaitable = (getattr(awaitable, "cr_await", None)
-                     or getattr(awaitable, "gi_yieldfrom", None)
-                     or getattr(awaitable, "ag_await", None))  # fmt: skip
+        awaitable = (
+            getattr(awaitable, "cr_await", None)
+            or getattr(awaitable, "gi_yieldfrom", None)
+            or getattr(awaitable, "ag_await", None)
+        )
     if len(frames) <= 1:  # a bare coroutine: the standard answer is complete
         with contextlib.suppress(Exception):
             frames = list(task.get_stack())
@@ -138,10 +144,16 @@ def alert(pm: PoolMonitor, hold: Hold, now: float) -> LongHeldEvent:
     log.warning(
         "pool %r: connection held for %.3f s (threshold %g s), checked out at %s by thread "
         "%r, task %r, backend pid %s; the holder is now at:%s",
-        event.pool, event.age_s, pm.settings.long_held_threshold, event.site, event.thread,
-        event.task, event.backend_pid, stack_text,
+        event.pool,
+        event.age_s,
+        pm.settings.long_held_threshold,
+        event.site,
+        event.thread,
+        event.task,
+        event.backend_pid,
+        stack_text,
         extra=_extra(event),
-    )  # fmt: skip
+    )
     for callback in pm.settings.on_long_held:
         try:
             callback(event)
@@ -153,9 +165,15 @@ def alert(pm: PoolMonitor, hold: Hold, now: float) -> LongHeldEvent:
 def _extra(event: LongHeldEvent) -> dict[str, Any]:
     # `thread_name`/`task_name`: LogRecord already has `thread` (an id) and, on 3.12+,
     # `taskName`; extra keys may not overwrite them.
-    return {"pool": event.pool, "age_s": event.age_s, "site": event.site,
-            "thread_name": event.thread, "task_name": event.task,
-            "backend_pid": event.backend_pid, "stack": list(event.stack)}  # fmt: skip
+    return {
+        "pool": event.pool,
+        "age_s": event.age_s,
+        "site": event.site,
+        "thread_name": event.thread,
+        "task_name": event.task,
+        "backend_pid": event.backend_pid,
+        "stack": list(event.stack),
+    }
 
 
 def _after_fork_in_child() -> None:

@@ -65,9 +65,11 @@ def test_a_hold_is_on_the_board_exactly_while_it_is_out(tmp_path: Path, engine: 
     assert view.pid == os.getpid() and view.gone is False  # we hold its lock
     assert view.slots == {
         board.FIRST: (hold1.start, pm.serial),
-        board.FIRST + 2: (pm.ledger.holds[second._dbapi_connection._connection_record].start,
-                          pm.serial),
-    }  # fmt: skip
+        board.FIRST + 2: (
+            pm.ledger.holds[second._dbapi_connection._connection_record].start,
+            pm.serial,
+        ),
+    }
     first.close()
     assert list(_read(own.path).slots) == [board.FIRST + 2]  # cleared by the return itself
     third = engine.connect()  # the freed slot is reused: `high` stays at most-out-at-once
@@ -175,8 +177,16 @@ def test_killed_process_board_says_gone_and_forked_child_has_its_own(tmp_path: P
 
 
 def _header(**override: object) -> bytes:
-    fields = {"magic": board.MAGIC, "version": board.VERSION, "slots": board.SLOTS, "high": 2,
-              "pid": 42, "mono": 10.0, "wall": 1000.0, "flags": 0}  # fmt: skip
+    fields = {
+        "magic": board.MAGIC,
+        "version": board.VERSION,
+        "slots": board.SLOTS,
+        "high": 2,
+        "pid": 42,
+        "mono": 10.0,
+        "wall": 1000.0,
+        "flags": 0,
+    }
     fields.update(override)
     return board.HEAD.pack(*fields.values()).ljust(board.HEADER, b"\0")
 
@@ -241,8 +251,9 @@ def test_slots_that_cannot_be_holds_are_ignored(tmp_path: Path) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(high=st.integers(0, board.SLOTS), body=st.binary(max_size=2048))
-def test_any_slot_bytes_read_without_raising(tmp_path_factory: pytest.TempPathFactory,
-                                              high: int, body: bytes) -> None:  # fmt: skip
+def test_any_slot_bytes_read_without_raising(
+    tmp_path_factory: pytest.TempPathFactory, high: int, body: bytes
+) -> None:
     path = tmp_path_factory.mktemp("h") / "x.board"
     view = _read(_write(path, _header(high=high), body))
     for index, (start, serial) in view.slots.items():
@@ -251,8 +262,7 @@ def test_any_slot_bytes_read_without_raising(tmp_path_factory: pytest.TempPathFa
 
 
 def _pool(serial: int, holds: list[dict[str, object]]) -> dict[str, object]:
-    return {"pool": f"p{serial}", "monitor_id": serial, "long_held_threshold": 5.0,
-            "holds": holds}  # fmt: skip
+    return {"pool": f"p{serial}", "monitor_id": serial, "long_held_threshold": 5.0, "holds": holds}
 
 
 def test_documents_are_checked_against_the_board() -> None:
@@ -263,18 +273,25 @@ def test_documents_are_checked_against_the_board() -> None:
     reused = {"started_at": 992.0, "board_slot": 12, "started_mono": 3.5, "site": "a.py:3"}
     off = {"started_at": 993.0, "site": "a.py:4"}
     view = files.BoardView(
-        pid=1, read_at=1000.0, wall_offset=990.0,
+        pid=1,
+        read_at=1000.0,
+        wall_offset=990.0,
         slots={8: (1.5, 1), 12: (4.0, 1), 14: (6.0, 2), 16: (7.0, 99)},
-    )  # fmt: skip
+    )
     full = [_pool(1, []), {"pool": "p2", "monitor_id": 2, "settings": {"long_held_threshold": 3}}]
     out = aggregate._board_holds([_pool(1, [still, ended, reused, off])], full, view)
     by_pool = {p["pool"]: p["holds"] for p in out}
     assert [h.get("site") for h in by_pool["p1"]] == ["a.py:1", "a.py:4", None]
     assert by_pool["p1"][0]["as_of"] == 1000.0 and "as_of" not in by_pool["p1"][1]
-    assert by_pool["p1"][2] == {"started_at": 994.0, "pending": True, "board_slot": 12,
-                                "as_of": 1000.0}  # fmt: skip
-    assert by_pool["p2"] == [{"started_at": 996.0, "pending": True, "board_slot": 14,
-                              "as_of": 1000.0}]  # fmt: skip
+    assert by_pool["p1"][2] == {
+        "started_at": 994.0,
+        "pending": True,
+        "board_slot": 12,
+        "as_of": 1000.0,
+    }
+    assert by_pool["p2"] == [
+        {"started_at": 996.0, "pending": True, "board_slot": 14, "as_of": 1000.0}
+    ]
     assert [p["pool"] for p in out] == ["p1", "p2"]  # serial 99: no such pool, not shown
     assert next(p for p in out if p["pool"] == "p2")["long_held_threshold"] == 3
 

@@ -22,10 +22,26 @@ def test_usage_and_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_bench_reports_medians_and_ratios(database_url: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "monitor.cli", "bench", "--rounds", "1", "--batches", "2",
-         "--cycles", "50", "--url", database_url, "--json"],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "monitor.cli",
+            "bench",
+            "--rounds",
+            "1",
+            "--batches",
+            "2",
+            "--cycles",
+            "50",
+            "--url",
+            database_url,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     medians = result["medians_us"]
@@ -36,6 +52,11 @@ def test_bench_reports_medians_and_ratios(database_url: str) -> None:
 
 
 def test_bench_rejects_bad_arguments() -> None:
-    done = subprocess.run([sys.executable, "-m", "monitor.cli", "bench", "--rounds", "0"],
-                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "monitor.cli", "bench", "--rounds", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2 and "--rounds must be at least 1" in done.stderr

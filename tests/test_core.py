@@ -72,8 +72,10 @@ def test_blocked_caller_is_pending_then_times_out(engines: Engines) -> None:
 
     waiter = threading.Thread(target=sixth)
     waiter.start()
-    wait_until(lambda: gauge(pm, "db.client.connection.pending_requests") == 1,
-               what="pending_requests == 1")  # fmt: skip
+    wait_until(
+        lambda: gauge(pm, "db.client.connection.pending_requests") == 1,
+        what="pending_requests == 1",
+    )
     assert counter(pm, "db.client.connection.timeouts") == 0
     waiter.join(timeout=10)
     assert len(outcome) == 1 and isinstance(outcome[0], exc.TimeoutError)
@@ -326,8 +328,9 @@ def _listener_counts(engine: sa.Engine) -> dict[str, int]:
     engine_events = ("before_cursor_execute", "after_cursor_execute", "engine_disposed")
     counts = {n: len(list(getattr(engine.pool.dispatch, n))) for n in pool_events}
     counts.update({n: len(list(getattr(engine.dispatch, n))) for n in engine_events})
-    counts.update({n: len(list(getattr(engine.dialect.dispatch, n)))
-                   for n in ("do_connect", "handle_error")})  # fmt: skip
+    counts.update(
+        {n: len(list(getattr(engine.dialect.dispatch, n))) for n in ("do_connect", "handle_error")}
+    )
     return counts
 
 
@@ -377,8 +380,9 @@ def test_default_pool_name(engines: Engines, database_url: str) -> None:
         ({"pool_name": ""}, "pool_name must be a non-empty string"),
     ],
 )
-def test_invalid_settings_raise_config_error(engines: Engines, settings: dict[str, object],
-                                             message: str) -> None:  # fmt: skip
+def test_invalid_settings_raise_config_error(
+    engines: Engines, settings: dict[str, object], message: str
+) -> None:
     engine = engines.sync()
     with pytest.raises(monitor.ConfigError) as info:
         monitor.instrument(engine, **settings)
@@ -386,8 +390,9 @@ def test_invalid_settings_raise_config_error(engines: Engines, settings: dict[st
     assert monitor.monitors() == [] or all(pm.engine is not engine for pm in monitor.monitors())
 
 
-def test_invalid_environment_setting_names_the_variable(engines: Engines,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_invalid_environment_setting_names_the_variable(
+    engines: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("POOL_MONITOR_LONG_HELD_THRESHOLD", "-3")
     with pytest.raises(monitor.ConfigError, match="POOL_MONITOR_LONG_HELD_THRESHOLD"):
         monitor.instrument(engines.sync())
@@ -395,8 +400,9 @@ def test_invalid_environment_setting_names_the_variable(engines: Engines,
     assert monitor.instrument(engines.sync()).settings.long_held_threshold == 2.5
 
 
-def test_a_failing_hook_never_reaches_the_application(engines: Engines,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failing_hook_never_reaches_the_application(
+    engines: Engines, caplog: pytest.LogCaptureFixture
+) -> None:
     engine = engines.sync(pool_size=2)
     pm = monitor.instrument(engine, pool_name="api")
 
@@ -427,8 +433,10 @@ def test_forked_child_starts_with_a_clean_ledger(engines: Engines) -> None:
         try:
             engine.dispose(close=False)
             snap = pm.snapshot()
-            line = (f"{snap['counters']['sqlalchemy.pool.checkouts']} {len(snap['holds'])} "
-                    f"{snap['histograms']['db.client.connection.use_time']['count']}")
+            line = (
+                f"{snap['counters']['sqlalchemy.pool.checkouts']} {len(snap['holds'])} "
+                f"{snap['histograms']['db.client.connection.use_time']['count']}"
+            )
             with engine.connect() as conn:
                 conn.exec_driver_sql("select 1")
             line += f" {pm.snapshot()['counters']['sqlalchemy.pool.checkouts']}"

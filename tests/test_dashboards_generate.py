@@ -104,8 +104,14 @@ def test_dashboards_have_uids_titles_and_variables(models: dict[str, dict[str, A
     variables = {name: [v["name"] for v in m["templating"]["list"]] for name, m in models.items()}
     assert variables == {
         "pool-overview.json": ["datasource", "namespace", "job", "service", "pool"],
-        "sessions-and-code-sites.json": ["datasource", "namespace", "job", "service", "pool",
-                                         "lock"],
+        "sessions-and-code-sites.json": [
+            "datasource",
+            "namespace",
+            "job",
+            "service",
+            "pool",
+            "lock",
+        ],
         "postgresql.json": ["datasource", "namespace", "job", "service", "application"],
         "demo-anti-pattern-vs-fix.json": ["datasource", "namespace", "job", "service"],
     }
@@ -119,8 +125,9 @@ def test_dashboards_have_uids_titles_and_variables(models: dict[str, dict[str, A
 
 
 def test_pool_variable_uses_the_catalogue_pool_label(models: dict[str, dict[str, Any]]) -> None:
-    pool = next(v for v in models["pool-overview.json"]["templating"]["list"]
-                if v["name"] == "pool")
+    pool = next(
+        v for v in models["pool-overview.json"]["templating"]["list"] if v["name"] == "pool"
+    )
     assert pool["query"] == (
         'label_values(db_client_connection_count{namespace=~"$namespace", job=~"$job", '
         'service=~"$service"}, db_client_connection_pool_name)'
@@ -155,18 +162,26 @@ def test_overview_has_the_panels_the_issue_asks_for(models: dict[str, dict[str, 
     titles = [p["title"] for p in panels(models["pool-overview.json"])]
     assert titles == [
         "Is the pool running dry?",
-        "Saturation now (worst process)", "Callers waiting now", "Checkout timeouts in range",
+        "Saturation now (worst process)",
+        "Callers waiting now",
+        "Checkout timeouts in range",
         "pool-monitor errors in range",
         "Connections",
-        "Connections by state vs max: $pool", "Saturation by process", "Overflow connections",
+        "Connections by state vs max: $pool",
+        "Saturation by process",
+        "Overflow connections",
         "Callers waiting (pending requests)",
         "Waiting for a connection",
-        "Wait time p50 / p95 / p99", "Wait-time distribution", "Checkout timeouts",
+        "Wait time p50 / p95 / p99",
+        "Wait-time distribution",
+        "Checkout timeouts",
         "Checkouts per second",
         "Holding and opening connections",
-        "Hold (use) time p50 / p99", "Connect time p50 / p99", "Invalidations by kind",
+        "Hold (use) time p50 / p99",
+        "Connect time p50 / p99",
+        "Invalidations by kind",
         "Connect errors",
-    ]  # fmt: skip
+    ]
     heat = next(p for p in panels(models["pool-overview.json"]) if p["type"] == "heatmap")
     assert heat["targets"][0]["format"] == "heatmap"
     assert heat["targets"][0]["expr"] == (
@@ -197,8 +212,7 @@ def test_demo_dashboard_follows_the_code_site_convention(
         "external_call: session held across an external API call (anti vs three_stage)",
         "pool_isolation: one pool for API requests and background jobs (shared vs split)",
         "duplicate_rows: scalar_one_or_none() over duplicate rows (unsafe vs safe)",
-        "idempotent_payment: retried payments without an idempotency key (naive vs "
-        "idempotent)",
+        "idempotent_payment: retried payments without an idempotency key (naive vs idempotent)",
         "lost_update: read-modify-write from two threads (naive vs pessimistic vs optimistic)",
         "shared_session: one Session shared with a heartbeat thread (shared vs factory)",
         "session_store: in-memory session store written by many threads (unlocked vs locked)",
@@ -210,16 +224,31 @@ def test_demo_dashboard_follows_the_code_site_convention(
         'code_site=~"demo_app/scenarios/external_call.py:[0-9]+:anti_.*"}[$__rate_interval])) '
         "or vector(0)"
     )
-    for variant in ("three_stage", "unsafe", "safe", "naive", "idempotent", "pessimistic",
-                    "optimistic", "shared", "factory"):  # fmt: skip
+    for variant in (
+        "three_stage",
+        "unsafe",
+        "safe",
+        "naive",
+        "idempotent",
+        "pessimistic",
+        "optimistic",
+        "shared",
+        "factory",
+    ):
         assert any(f":[0-9]+:{variant}_.*" in e for e in exprs), variant
     assert any('db_client_connection_pool_name="shared"' in e for e in exprs)
     assert any('db_client_connection_pool_name=~"api|background"' in e for e in exprs)
     assert any('lock_name="session-store"' in e for e in exprs)
-    lost = next(p for p in panels(demo) if p["title"] == "Checkouts per second"
-                and "lost_update" in p["targets"][0]["expr"])  # fmt: skip
+    lost = next(
+        p
+        for p in panels(demo)
+        if p["title"] == "Checkouts per second" and "lost_update" in p["targets"][0]["expr"]
+    )
     assert [t["legendFormat"] for t in lost["targets"]] == [
-        "anti-pattern: naive_*", "fix: pessimistic_*", "fix: optimistic_*"]
+        "anti-pattern: naive_*",
+        "fix: pessimistic_*",
+        "fix: optimistic_*",
+    ]
 
 
 def test_demo_dashboard_matches_the_demo_scenarios() -> None:
@@ -237,7 +266,7 @@ def test_demo_dashboard_matches_the_demo_scenarios() -> None:
 
 def test_metric_name_extraction() -> None:
     assert metric_names(
-        'histogram_quantile(0.95, sum by (le, db_client_connection_pool_name) '
+        "histogram_quantile(0.95, sum by (le, db_client_connection_pool_name) "
         '(rate(db_client_connection_wait_time_seconds_bucket{job=~"$job"}[$__rate_interval])))'
     ) == {"db_client_connection_wait_time_seconds_bucket"}
     assert metric_names(
@@ -282,8 +311,11 @@ def test_every_dashboard_query_reads_only_allowed_metrics(
 ) -> None:
     exprs = dashboard_expressions(models)
     assert len(exprs) >= 60
-    bad = {e.source: sorted(metric_names(e.expr) - ALLOWED) for e in exprs
-           if metric_names(e.expr) - ALLOWED}  # fmt: skip
+    bad = {
+        e.source: sorted(metric_names(e.expr) - ALLOWED)
+        for e in exprs
+        if metric_names(e.expr) - ALLOWED
+    }
     assert bad == {}
     assert all(metric_names(e.expr) for e in exprs), "an expression selects no series"
     used = set().union(*(metric_names(e.expr) for e in exprs))
@@ -311,20 +343,29 @@ def _alerts(files: dict[str, str]) -> dict[str, dict[str, Any]]:
 
 def test_every_alert_has_for_severity_and_annotations() -> None:
     alerts = _alerts(render_rules())
-    assert list(alerts) == [a.alert for a in ALERTS] == [
-        "PoolSaturated", "PoolPendingRequestsSustained", "PoolCheckoutTimeouts",
-        "PoolWaitTimeP95High", "PoolLongHeldConnections", "PoolHoldTimeMostlyIdle",
-        "PoolCrossThreadConnectionUse", "PostgresIdleInTransactionTooLong",
-        "PostgresConnectionsNearLimit", "PostgresCollectorDown", "PoolMonitorErrors",
-        "PoolMonitorSidecarScanStale",
-    ]  # fmt: skip
+    assert (
+        list(alerts)
+        == [a.alert for a in ALERTS]
+        == [
+            "PoolSaturated",
+            "PoolPendingRequestsSustained",
+            "PoolCheckoutTimeouts",
+            "PoolWaitTimeP95High",
+            "PoolLongHeldConnections",
+            "PoolHoldTimeMostlyIdle",
+            "PoolCrossThreadConnectionUse",
+            "PostgresIdleInTransactionTooLong",
+            "PostgresConnectionsNearLimit",
+            "PostgresCollectorDown",
+            "PoolMonitorErrors",
+            "PoolMonitorSidecarScanStale",
+        ]
+    )
     for name, rule in alerts.items():
         assert re.fullmatch(r"\d+[smh]", rule["for"]), name
         assert rule["labels"]["severity"] in ("info", "warning", "critical"), name
         assert set(rule["annotations"]) == {"summary", "description", "runbook_url"}, name
-        assert rule["annotations"]["runbook_url"].endswith(
-            f"/dashboards/README.md#{name.lower()}"
-        )
+        assert rule["annotations"]["runbook_url"].endswith(f"/dashboards/README.md#{name.lower()}")
     assert alerts["PoolSaturated"]["expr"] == "pool:db_client_connection_saturation:ratio > 0.9"
     assert alerts["PostgresCollectorDown"]["expr"] == "pg_up == 0 or absent(pg_up)"
     assert alerts["PoolMonitorErrors"]["expr"] == "increase(pool_monitor_errors_total[10m]) > 0"
@@ -342,38 +383,46 @@ def test_overrides_change_thresholds_durations_and_severity() -> None:
     assert alerts["PoolSaturated"]["expr"] == "pool:db_client_connection_saturation:ratio > 0.75"
     assert alerts["PoolSaturated"]["for"] == "30s"
     assert alerts["PoolSaturated"]["labels"] == {"severity": "critical"}
-    assert "above 75% of the pool's maximum" in alerts["PoolSaturated"]["annotations"][
-        "description"]
+    assert (
+        "above 75% of the pool's maximum" in alerts["PoolSaturated"]["annotations"]["description"]
+    )
     assert alerts["PoolSaturated"]["annotations"]["runbook_url"] == (
-        "https://runbooks.example/pool.md#poolsaturated")
+        "https://runbooks.example/pool.md#poolsaturated"
+    )
     assert alerts["PostgresIdleInTransactionTooLong"]["expr"] == (
-        "pg_app_idle_in_transaction_max_seconds > 120")
+        "pg_app_idle_in_transaction_max_seconds > 120"
+    )
     assert "PostgresCollectorDown" not in alerts
     assert files["recording.yml"] == render_rules()["recording.yml"]
 
 
 def test_template_values_pass_through_for_helm() -> None:
-    alerts = _alerts(render_rules(
-        thresholds={"pool_saturation_ratio": "{{ .Values.alerts.poolSaturated.threshold }}"},
-        for_={"PoolSaturated": "{{ .Values.alerts.poolSaturated.for }}"},
-    ))  # fmt: skip
+    alerts = _alerts(
+        render_rules(
+            thresholds={"pool_saturation_ratio": "{{ .Values.alerts.poolSaturated.threshold }}"},
+            for_={"PoolSaturated": "{{ .Values.alerts.poolSaturated.for }}"},
+        )
+    )
     assert alerts["PoolSaturated"]["expr"] == (
-        "pool:db_client_connection_saturation:ratio > "
-        "{{ .Values.alerts.poolSaturated.threshold }}")
+        "pool:db_client_connection_saturation:ratio > {{ .Values.alerts.poolSaturated.threshold }}"
+    )
     assert alerts["PoolSaturated"]["for"] == "{{ .Values.alerts.poolSaturated.for }}"
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"thresholds": {"pool_saturation": 0.9}}, "unknown threshold name(s) pool_saturation"),
-    ({"thresholds": {"pool_saturation_ratio": 1.5}}, "is a ratio in [0, 1]"),
-    ({"thresholds": {"pending_requests": -1}}, "must be >= 0"),
-    ({"thresholds": {"pending_requests": "3"}}, "must be a number"),
-    ({"for_": {"PoolSaturated": "5 minutes"}}, "must be a Prometheus duration"),
-    ({"for_": {"PoolSaturated": ""}}, "must be a Prometheus duration"),
-    ({"for_": {"NoSuchAlert": "5m"}}, "unknown alert (for) name(s) NoSuchAlert"),
-    ({"severity": {"PoolSaturated": "page"}}, "must be one of info, warning, critical"),
-    ({"disabled": {"PoolSaturatd"}}, "unknown alert (disabled) name(s) PoolSaturatd"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"thresholds": {"pool_saturation": 0.9}}, "unknown threshold name(s) pool_saturation"),
+        ({"thresholds": {"pool_saturation_ratio": 1.5}}, "is a ratio in [0, 1]"),
+        ({"thresholds": {"pending_requests": -1}}, "must be >= 0"),
+        ({"thresholds": {"pending_requests": "3"}}, "must be a number"),
+        ({"for_": {"PoolSaturated": "5 minutes"}}, "must be a Prometheus duration"),
+        ({"for_": {"PoolSaturated": ""}}, "must be a Prometheus duration"),
+        ({"for_": {"NoSuchAlert": "5m"}}, "unknown alert (for) name(s) NoSuchAlert"),
+        ({"severity": {"PoolSaturated": "page"}}, "must be one of info, warning, critical"),
+        ({"disabled": {"PoolSaturatd"}}, "unknown alert (disabled) name(s) PoolSaturatd"),
+    ],
+)
 def test_bad_overrides_are_rejected_with_a_useful_message(
     kwargs: dict[str, Any], message: str
 ) -> None:
@@ -410,8 +459,10 @@ def test_readme_has_a_runbook_for_every_alert_and_documents_every_dashboard(
         assert "**Check**" in section and "**Fix**" in section, rule["alert"]
     for model in models.values():
         assert model["title"].split(" / ")[1] in readme
-    for rel in ("provisioning/datasources/pool-monitor.yml",
-                "provisioning/dashboards/pool-monitor.yml"):  # fmt: skip
+    for rel in (
+        "provisioning/datasources/pool-monitor.yml",
+        "provisioning/dashboards/pool-monitor.yml",
+    ):
         assert rel in readme
 
 

@@ -292,19 +292,27 @@ def run(
     timings: dict[str, float] = {}
     log_dir = tmp_path_factory.mktemp("demo-logs")
     create_schema(database_url, reset=True)
-    with DemoStack(database_url, latency_s=LATENCY_S, log_dir=log_dir, workers=2,
-                   base_port=None) as stack:  # fmt: skip
+    with DemoStack(
+        database_url, latency_s=LATENCY_S, log_dir=log_dir, workers=2, base_port=None
+    ) as stack:
         timings["stack_up_s"] = time.monotonic() - started
         assert stack.sidecar_url, f"the sidecar is part of this test: {stack.sidecar_note}"
-        target = ScrapeTarget(JOB, stack.sidecar_url.removeprefix("http://"),
-                              {"namespace": NAMESPACE, "service": SERVICE})  # fmt: skip
-        with running_prometheus([target], thresholds=THRESHOLDS, for_=FOR,
-                                binary=prometheus_binary) as prom:  # fmt: skip
+        target = ScrapeTarget(
+            JOB,
+            stack.sidecar_url.removeprefix("http://"),
+            {"namespace": NAMESPACE, "service": SERVICE},
+        )
+        with running_prometheus(
+            [target], thresholds=THRESHOLDS, for_=FOR, binary=prometheus_binary
+        ) as prom:
             prom.wait_for_targets_up(timeout=20)
             # Every pool's series (at 0) and the PostgreSQL collector's must be stored
             # before the load starts: a counter first seen at its final value has no rate.
-            prom.wait_for(lambda: len(prom.query("db_client_connection_max")) == len(POOLS),
-                          "every pool's series", timeout=20)  # fmt: skip
+            prom.wait_for(
+                lambda: len(prom.query("db_client_connection_max")) == len(POOLS),
+                "every pool's series",
+                timeout=20,
+            )
             prom.wait_for_data("pg_up == 1", timeout=20)
             time.sleep(2)  # two more scrapes of the idle stack: the baseline
             timings["prometheus_up_s"] = time.monotonic() - started
@@ -328,8 +336,12 @@ def run(
 def test_sidecar_is_scraped_and_every_rule_evaluates_without_error(run: Run) -> None:
     [target] = run.prom.targets()
     assert target["health"] == "up", target
-    assert target["labels"] == {"instance": target["labels"]["instance"], "job": JOB,
-                                "namespace": NAMESPACE, "service": SERVICE}  # fmt: skip
+    assert target["labels"] == {
+        "instance": target["labels"]["instance"],
+        "job": JOB,
+        "namespace": NAMESPACE,
+        "service": SERVICE,
+    }
     rules = [r for g in run.prom.rule_groups() for r in g["rules"]]
     assert len(rules) == len(rule_expressions(render_rules(THRESHOLDS, FOR)))
     # Real label sets (target labels, every pool, site and application) can make a join
@@ -344,8 +356,14 @@ def _expressions() -> list[Expression]:
 
 
 ALL: dict[str, str] = {}  # every variable "All": substitute() turns unknown variables into `.*`
-SELECTED = {"namespace": NAMESPACE, "job": JOB, "service": SERVICE, "pool": "api",
-            "application": "demo-api", "lock": LOCK}  # fmt: skip
+SELECTED = {
+    "namespace": NAMESPACE,
+    "job": JOB,
+    "service": SERVICE,
+    "pool": "api",
+    "application": "demo-api",
+    "lock": LOCK,
+}
 
 
 def _finite(result: list[dict[str, Any]]) -> bool:
@@ -405,8 +423,13 @@ def test_dashboard_variables_offer_the_demo_s_pools_applications_and_locks(run: 
     applications = found.pop("application")
     assert applications >= set(APPS)
     assert "pool-monitor-sidecar" not in applications  # the sidecar leaves itself out
-    assert found == {"namespace": {NAMESPACE}, "job": {JOB}, "service": {SERVICE},
-                     "pool": set(POOLS), "lock": {LOCK}}  # fmt: skip
+    assert found == {
+        "namespace": {NAMESPACE},
+        "job": {JOB},
+        "service": {SERVICE},
+        "pool": set(POOLS),
+        "lock": {LOCK},
+    }
 
 
 # -- (b) the expected alerts fire -----------------------------------------------------
@@ -423,8 +446,9 @@ def _describe(run: Run, keys: set[tuple[str, str]] | None = None) -> str:
 def test_expected_alerts_reach_firing(run: Run) -> None:
     # Most fired during their scenario; give the window-based ones a few more evaluations.
     with contextlib.suppress(TimeoutError):  # the assert below says which
-        run.prom.wait_for(lambda: run.watcher.fired() >= EXPECTED_FIRING,
-                          "the expected alerts", timeout=15)  # fmt: skip
+        run.prom.wait_for(
+            lambda: run.watcher.fired() >= EXPECTED_FIRING, "the expected alerts", timeout=15
+        )
     missing = EXPECTED_FIRING - run.watcher.fired()
     assert not missing, f"never fired: {sorted(missing)}\nseen:\n{_describe(run)}"
     for seen in run.watcher.snapshot().values():
@@ -436,8 +460,11 @@ def test_expected_alerts_reach_firing(run: Run) -> None:
 
 
 def test_cross_thread_alert_names_only_the_shared_session_anti_pattern(run: Run) -> None:
-    sites = {site for (alert, _, site), seen in run.watcher.snapshot().items()
-             if alert == "PoolCrossThreadConnectionUse" and "firing" in seen.states}  # fmt: skip
+    sites = {
+        site
+        for (alert, _, site), seen in run.watcher.snapshot().items()
+        if alert == "PoolCrossThreadConnectionUse" and "firing" in seen.states
+    }
     assert sites, _describe(run)
     assert all(CROSS_THREAD_SITE.match(site) for site in sites), sites
 
@@ -477,8 +504,11 @@ def test_demo_dashboard_shows_anti_pattern_vs_fix(run: Run) -> None:
 
 # -- (c) what must stay quiet ----------------------------------------------------------
 def test_quiet_alerts_never_become_active(run: Run) -> None:
-    active = {(a, s, site): seen.states for (a, s, site), seen in run.watcher.snapshot().items()
-              if a in QUIET}  # fmt: skip
+    active = {
+        (a, s, site): seen.states
+        for (a, s, site), seen in run.watcher.snapshot().items()
+        if a in QUIET
+    }
     assert active == {}, _describe(run)
     assert run.watcher.errors == []
     # Not quiet for lack of data: the series they watch exist, at their healthy values.

@@ -48,12 +48,21 @@ SITES = (
 CROSS_THREAD_SITE = "demo_app/scenarios/shared_session.py:106:shared_send_heartbeat"
 #: Alerts whose `for` is cut to 1 s. PostgresCollectorDown keeps its 2m: `absent(pg_up)`
 #: is true until the first scrape, and must not fire from that race.
-SHORT_FOR = {a: "1s" for a in (
-    "PoolSaturated", "PoolPendingRequestsSustained", "PoolCheckoutTimeouts",
-    "PoolWaitTimeP95High", "PoolLongHeldConnections", "PoolHoldTimeMostlyIdle",
-    "PoolCrossThreadConnectionUse", "PostgresIdleInTransactionTooLong",
-    "PostgresConnectionsNearLimit", "PoolMonitorErrors",
-)}  # fmt: skip
+SHORT_FOR = {
+    a: "1s"
+    for a in (
+        "PoolSaturated",
+        "PoolPendingRequestsSustained",
+        "PoolCheckoutTimeouts",
+        "PoolWaitTimeP95High",
+        "PoolLongHeldConnections",
+        "PoolHoldTimeMostlyIdle",
+        "PoolCrossThreadConnectionUse",
+        "PostgresIdleInTransactionTooLong",
+        "PostgresConnectionsNearLimit",
+        "PoolMonitorErrors",
+    )
+}
 #: 3 callers wait in pool api: with the threshold raised to 5 that alert must stay quiet.
 THRESHOLDS = {"pending_requests": 5}
 EXPECTED_FIRING = {
@@ -80,23 +89,32 @@ class FakeExporter:
             labels = list(metric.prometheus_labels)
             name = metric.prometheus_name
             if metric.kind == "histogram":
-                self.m[name] = Histogram(name, metric.description, labels, registry=r,
-                                         buckets=SECONDS_BUCKETS)  # fmt: skip
+                self.m[name] = Histogram(
+                    name, metric.description, labels, registry=r, buckets=SECONDS_BUCKETS
+                )
             elif metric.kind == "counter":
                 self.m[name] = Counter(name, metric.description, labels, registry=r)
             else:
                 self.m[name] = Gauge(name, metric.description, labels, registry=r)
         self.snapshot_errors = Counter("pool_monitor_snapshot_errors_total", "x", registry=r)
-        pg = {name: Gauge(name, "x", labels, registry=r) for name, labels in (
-            ("pg_app_backends", ["application_name", "state"]),
-            ("pg_app_idle_in_transaction_max_seconds", ["application_name"]),
-            ("pg_app_transaction_max_seconds", ["application_name"]),
-            ("pg_app_blocked_backends", ["application_name"]),
-            ("pg_app_lock_wait_max_seconds", ["application_name"]),
-            ("pg_max_connections", []), ("pg_reserved_connections", []), ("pg_up", []),
-        )}  # fmt: skip
-        for app, state, n in (("orders-api", "active", 60), ("orders-api", "idle", 20),
-                              ("orders-background", "idle in transaction", 10)):  # fmt: skip
+        pg = {
+            name: Gauge(name, "x", labels, registry=r)
+            for name, labels in (
+                ("pg_app_backends", ["application_name", "state"]),
+                ("pg_app_idle_in_transaction_max_seconds", ["application_name"]),
+                ("pg_app_transaction_max_seconds", ["application_name"]),
+                ("pg_app_blocked_backends", ["application_name"]),
+                ("pg_app_lock_wait_max_seconds", ["application_name"]),
+                ("pg_max_connections", []),
+                ("pg_reserved_connections", []),
+                ("pg_up", []),
+            )
+        }
+        for app, state, n in (
+            ("orders-api", "active", 60),
+            ("orders-api", "idle", 20),
+            ("orders-background", "idle in transaction", 10),
+        ):
             pg["pg_app_backends"].labels(app, state).set(n)
         for app, age in (("orders-api", 45), ("orders-background", 5)):
             pg["pg_app_idle_in_transaction_max_seconds"].labels(app).set(age)
@@ -111,8 +129,7 @@ class FakeExporter:
             self.gauge("db_client_connection_count", pool, "idle").set(idle)
             self.gauge("db_client_connection_max", pool).set(size)
             self.gauge("db_client_connection_idle_max", pool).set(size)
-            self.gauge("db_client_connection_pending_requests", pool).set(
-                3 if pool == "api" else 0)
+            self.gauge("db_client_connection_pending_requests", pool).set(3 if pool == "api" else 0)
             self.gauge("sqlalchemy_pool_overflow", pool).set(0)
             self.gauge("sqlalchemy_pool_oldest_checkout_age_seconds", pool).set(7)
             self.gauge("sqlalchemy_pool_long_held", pool).set(1 if pool == "api" else 0)
@@ -127,7 +144,8 @@ class FakeExporter:
         for pool in POOLS:
             m["sqlalchemy_pool_checkouts_total"].labels(pool).inc()
             m["db_client_connection_wait_time_seconds"].labels(pool).observe(
-                0.2 if pool == "api" else 0.0004)
+                0.2 if pool == "api" else 0.0004
+            )
             m["db_client_connection_use_time_seconds"].labels(pool).observe(0.05)
             m["db_client_connection_create_time_seconds"].labels(pool).observe(0.01)
             m["sqlalchemy_pool_invalidations_total"].labels(pool, "hard").inc()
@@ -139,8 +157,9 @@ class FakeExporter:
             m["sqlalchemy_pool_idle_in_use_time_seconds_total"].labels(pool).inc(0.009)
             for site in SITES:
                 m["sqlalchemy_pool_site_use_time_seconds_total"].labels(pool, site).inc(0.01)
-                m["sqlalchemy_pool_site_idle_in_use_time_seconds_total"].labels(
-                    pool, site).inc(0.005)
+                m["sqlalchemy_pool_site_idle_in_use_time_seconds_total"].labels(pool, site).inc(
+                    0.005
+                )
                 m["sqlalchemy_pool_site_checkouts_total"].labels(pool, site).inc()
                 long_held = 1 if pool == "api" else 0  # as the long_held gauge above
                 m["sqlalchemy_pool_long_held_events_total"].labels(pool, site).inc(long_held)
@@ -182,10 +201,15 @@ class Env:
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
     binary = require_binary("prometheus")
-    with FakeExporter() as exporter, running_prometheus(
-        [ScrapeTarget("fake", exporter.address, {"namespace": "shop", "service": "orders"})],
-        thresholds=THRESHOLDS, for_=SHORT_FOR, binary=binary,
-    ) as prom:  # fmt: skip
+    with (
+        FakeExporter() as exporter,
+        running_prometheus(
+            [ScrapeTarget("fake", exporter.address, {"namespace": "shop", "service": "orders"})],
+            thresholds=THRESHOLDS,
+            for_=SHORT_FOR,
+            binary=binary,
+        ) as prom,
+    ):
         prom.wait_for_targets_up(timeout=20)
         yield Env(prom, exporter)
 
@@ -200,18 +224,28 @@ def test_a_parse_error_is_an_http_400(env: Env) -> None:
 def test_recording_rules_produce_data(env: Env) -> None:
     prom = env.prom
     [api] = prom.wait_for_data(
-        'pool:db_client_connection_saturation:ratio{db_client_connection_pool_name="api"}')
+        'pool:db_client_connection_saturation:ratio{db_client_connection_pool_name="api"}'
+    )
     assert api["metric"] == {
         "__name__": "pool:db_client_connection_saturation:ratio",
-        "db_client_connection_pool_name": "api", "instance": env.exporter.address,
-        "job": "fake", "namespace": "shop", "service": "orders",
-    }  # fmt: skip
+        "db_client_connection_pool_name": "api",
+        "instance": env.exporter.address,
+        "job": "fake",
+        "namespace": "shop",
+        "service": "orders",
+    }
     assert float(api["value"][1]) == 1.0
-    assert prom.value('pool:db_client_connection_saturation:ratio'
-                      '{db_client_connection_pool_name="shared"}') == 0.8  # fmt: skip
+    assert (
+        prom.value(
+            'pool:db_client_connection_saturation:ratio{db_client_connection_pool_name="shared"}'
+        )
+        == 0.8
+    )
     # All api checkouts wait 0.2 s: the (0.1, 0.25] bucket.
-    [p95] = prom.wait_for_data('pool:db_client_connection_wait_time_seconds:quantile_rate5m'
-                               '{db_client_connection_pool_name="api", quantile="0.95"}')
+    [p95] = prom.wait_for_data(
+        "pool:db_client_connection_wait_time_seconds:quantile_rate5m"
+        '{db_client_connection_pool_name="api", quantile="0.95"}'
+    )
     assert p95["metric"]["namespace"] == "shop" and "instance" not in p95["metric"]
     assert 0.1 < float(p95["value"][1]) <= 0.25
     [usage] = prom.wait_for_data("pg:pg_app_backends:usable_ratio")
@@ -223,20 +257,27 @@ def test_alerts_fire_with_short_for_and_respect_threshold_overrides(env: Env) ->
     saturated = prom.wait_for_alert("PoolSaturated", "firing")
     assert saturated["labels"]["severity"] == "warning"
     assert saturated["annotations"]["summary"] == (
-        f"Pool api on {env.exporter.address} is 100% used")
+        f"Pool api on {env.exporter.address} is 100% used"
+    )
 
     def firing() -> set[tuple[str, str]]:
-        return {(a["labels"]["alertname"],
-                 a["labels"].get("db_client_connection_pool_name")
-                 or a["labels"].get("application_name", ""))
-                for a in prom.alerts() if a["state"] == "firing"}  # fmt: skip
+        return {
+            (
+                a["labels"]["alertname"],
+                a["labels"].get("db_client_connection_pool_name")
+                or a["labels"].get("application_name", ""),
+            )
+            for a in prom.alerts()
+            if a["state"] == "firing"
+        }
 
-    prom.wait_for(lambda: firing() >= EXPECTED_FIRING, "the expected alerts to fire",
-                  timeout=30)  # fmt: skip
+    prom.wait_for(lambda: firing() >= EXPECTED_FIRING, "the expected alerts to fire", timeout=30)
     assert firing() == EXPECTED_FIRING
     # Would fire under the default threshold (0): 3 callers are waiting.
-    assert prom.value('db_client_connection_pending_requests'
-                      '{db_client_connection_pool_name="api"}') == 3  # fmt: skip
+    assert (
+        prom.value('db_client_connection_pending_requests{db_client_connection_pool_name="api"}')
+        == 3
+    )
     states = {a["labels"]["alertname"]: a["state"] for a in prom.alerts()}
     assert "PoolPendingRequestsSustained" not in states
     assert "PostgresCollectorDown" not in states  # pg_up is 1
@@ -252,8 +293,9 @@ def test_every_rule_evaluates_without_error(env: Env) -> None:
 
     rules = prom.wait_for(evaluated, "every rule to be evaluated", timeout=20)
     assert len(rules) == 38
-    assert {r["name"]: (r["health"], r.get("lastError", "")) for r in rules
-            if r["health"] != "ok"} == {}  # fmt: skip
+    assert {
+        r["name"]: (r["health"], r.get("lastError", "")) for r in rules if r["health"] != "ok"
+    } == {}
     for expression in rule_expressions(render_rules()):
         prom.query(expression.expr)  # raises on a parse (400) or evaluation (422) error
 

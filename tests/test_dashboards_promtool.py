@@ -23,8 +23,9 @@ TEST_FILES = sorted((RULES / "tests").glob("*.yml"))
 
 
 def _promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([require_binary("promtool"), *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)  # fmt: skip
+    return subprocess.run(
+        [require_binary("promtool"), *args], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
 
 
 def test_rule_files_are_the_ones_expected() -> None:
@@ -73,9 +74,12 @@ def test_unit_tests_catch_a_changed_threshold(tmp_path: Path) -> None:
 
 def test_check_rules_rejects_a_broken_expression(tmp_path: Path) -> None:
     broken = tmp_path / "broken.yml"
-    broken.write_text(render_rules()["alerts.yml"].replace(
-        "pool:db_client_connection_saturation:ratio > 0.9",
-        "pool:db_client_connection_saturation:ratio > > 0.9"))  # fmt: skip
+    broken.write_text(
+        render_rules()["alerts.yml"].replace(
+            "pool:db_client_connection_saturation:ratio > 0.9",
+            "pool:db_client_connection_saturation:ratio > > 0.9",
+        )
+    )
     result = _promtool("check", "rules", str(broken))
     assert result.returncode != 0
     assert "parse error" in result.stdout + result.stderr

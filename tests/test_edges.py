@@ -31,8 +31,7 @@ def engines(database_url: str) -> Iterator[Engines]:
     made.close()
 
 
-async def test_a_dead_task_that_leaked_a_connection_is_not_kept_alive(engines: Engines
-                                                                       ) -> None:  # fmt: skip
+async def test_a_dead_task_that_leaked_a_connection_is_not_kept_alive(engines: Engines) -> None:
     """The hold must not pin the task: SQLAlchemy gives the slot back when the leaked
     connection is garbage-collected, and with a monitor attached it still must."""
     engine = engines.asyncio(pool_size=1, max_overflow=0, pool_timeout=1)
@@ -145,8 +144,14 @@ def test_a_deleted_working_directory_never_breaks_a_scrape(engines: Engines) -> 
     os.chdir(gone)
     os.rmdir(gone)
     try:
-        exec(compile("def new_site(e):\n    with e.connect():\n        pass\n",
-                     os.path.join(home, "generated_site.py"), "exec"), namespace := {})  # fmt: skip
+        exec(
+            compile(
+                "def new_site(e):\n    with e.connect():\n        pass\n",
+                os.path.join(home, "generated_site.py"),
+                "exec",
+            ),
+            namespace := {},
+        )
         namespace["new_site"](engine)
         snap = pm.snapshot()
     finally:
@@ -199,8 +204,9 @@ def test_two_meter_providers_each_see_everything(engines: Engines) -> None:
     from opentelemetry.sdk.metrics import MeterProvider
 
     registries = [CollectorRegistry(), CollectorRegistry()]
-    providers = [MeterProvider(metric_readers=[PrometheusMetricReader(registry=r)])
-                 for r in registries]  # fmt: skip
+    providers = [
+        MeterProvider(metric_readers=[PrometheusMetricReader(registry=r)]) for r in registries
+    ]
     for provider in providers:
         monitor.instrument_otel(meter_provider=provider)
     engine = engines.sync(pool_size=2)
@@ -209,8 +215,10 @@ def test_two_meter_providers_each_see_everything(engines: Engines) -> None:
         with engine.connect():
             pass
     held = engine.connect()  # a live hold: its wait counts on both sides alike
-    line = ('db_client_connection_wait_time_seconds_count{'
-            'db_client_connection_pool_name="two-providers"')
+    line = (
+        "db_client_connection_wait_time_seconds_count{"
+        'db_client_connection_pool_name="two-providers"'
+    )
     for registry in registries:
         text_out = generate_latest(registry).decode()
         (sample,) = [x for x in text_out.splitlines() if x.startswith(line)]

@@ -52,10 +52,22 @@ def test_prometheus_exposition_has_exact_values(engines: Engines) -> None:
     registry = CollectorRegistry()
     registry.register(MonitorCollector(lambda: [pm.snapshot()], lock_snapshot))
     samples = _samples(generate_latest(registry).decode())
-    assert _value(samples, "db_client_connection_count", **{
-        POOL: "orders", "db_client_connection_state": "used"}) == 4
-    assert _value(samples, "db_client_connection_count", **{
-        POOL: "orders", "db_client_connection_state": "idle"}) == 0
+    assert (
+        _value(
+            samples,
+            "db_client_connection_count",
+            **{POOL: "orders", "db_client_connection_state": "used"},
+        )
+        == 4
+    )
+    assert (
+        _value(
+            samples,
+            "db_client_connection_count",
+            **{POOL: "orders", "db_client_connection_state": "idle"},
+        )
+        == 0
+    )
     assert _value(samples, "db_client_connection_max", **{POOL: "orders"}) == 5
     assert _value(samples, "db_client_connection_idle_max", **{POOL: "orders"}) == 3
     assert _value(samples, "sqlalchemy_pool_overflow", **{POOL: "orders"}) == 1
@@ -72,11 +84,11 @@ def test_prometheus_exposition_has_exact_values(engines: Engines) -> None:
     assert 0.03 <= _value(samples, f"{use}_sum", **{POOL: "orders"}) < 0.05
     buckets = {dict(labels)["le"] for (name, labels) in samples if name == f"{use}_bucket"}
     assert buckets == {repr(b) for b in SECONDS_BUCKETS} | {"+Inf"}
-    wait_count = _value(samples, "db_client_connection_wait_time_seconds_count",
-                        **{POOL: "orders"})  # fmt: skip
+    wait_count = _value(samples, "db_client_connection_wait_time_seconds_count", **{POOL: "orders"})
     assert wait_count == 5  # live holds' waits count at once
-    assert _value(samples, "db_client_connection_create_time_seconds_count",
-                  **{POOL: "orders"}) == 4  # fmt: skip
+    assert (
+        _value(samples, "db_client_connection_create_time_seconds_count", **{POOL: "orders"}) == 4
+    )
     for conn in held:
         conn.close()
 
@@ -86,8 +98,7 @@ def test_default_registry_and_metrics_app(engines: Engines) -> None:
     monitor.instrument(engine, pool_name="default-registry")
     with engine.connect():
         pass
-    assert 'db_client_connection_pool_name="default-registry"' in generate_latest(
-        REGISTRY).decode()
+    assert 'db_client_connection_pool_name="default-registry"' in generate_latest(REGISTRY).decode()
 
     async def scrape() -> httpx.Response:
         transport = httpx.ASGITransport(app=monitor.metrics_app())
@@ -99,9 +110,8 @@ def test_default_registry_and_metrics_app(engines: Engines) -> None:
     response = asyncio.run(scrape())
     assert response.status_code == 200
     samples = _samples(response.text)
-    assert _value(samples, "sqlalchemy_pool_checkouts_total",
-                  **{POOL: "default-registry"}) == 1  # fmt: skip
-    assert ("python_info" in response.text), "the app's own metrics are served alongside"
+    assert _value(samples, "sqlalchemy_pool_checkouts_total", **{POOL: "default-registry"}) == 1
+    assert "python_info" in response.text, "the app's own metrics are served alongside"
 
 
 def _names_and_label_keys(exposition: str) -> set[tuple[str, frozenset[str]]]:
@@ -133,22 +143,29 @@ def test_otel_exposition_matches_ours(engines: Engines) -> None:
     with monitor.lock("otel-lock"):
         pass
     ours_registry = CollectorRegistry()
-    ours_registry.register(MonitorCollector(
-        lambda: [pm.snapshot()], lambda: {m: {"otel-lock": h["otel-lock"]}
-                                          for m, h in lock_snapshot().items()}))  # fmt: skip
+    ours_registry.register(
+        MonitorCollector(
+            lambda: [pm.snapshot()],
+            lambda: {m: {"otel-lock": h["otel-lock"]} for m, h in lock_snapshot().items()},
+        )
+    )
     ours = _names_and_label_keys(generate_latest(ours_registry).decode())
     theirs = _names_and_label_keys(generate_latest(otel_registry).decode())
     # Restrict OTel's side to our pool/lock (other tests' pools may also be instrumented).
     assert ours == {item for item in theirs if item in ours or item[0] in {s[0] for s in ours}}
     assert {name for name, _ in theirs} >= {name for name, _ in ours}
-    exposed = {family.name + ("_total" if family.type == "counter" else "")
-               for family in text_string_to_metric_families(
-                   generate_latest(ours_registry).decode())}  # fmt: skip
+    exposed = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in text_string_to_metric_families(generate_latest(ours_registry).decode())
+    }
     assert exposed == {m.prometheus_name for m in METRICS}  # every catalogue metric
     # And the values agree: OTel histograms get exactly the observations we made.
     otel_samples = _samples(generate_latest(otel_registry).decode())
-    count = [v for (n, labels), v in otel_samples.items()
-             if n == "db_client_connection_use_time_seconds_count"
-             and dict(labels).get(POOL) == "otel-pool"]  # fmt: skip
+    count = [
+        v
+        for (n, labels), v in otel_samples.items()
+        if n == "db_client_connection_use_time_seconds_count"
+        and dict(labels).get(POOL) == "otel-pool"
+    ]
     assert count == [1.0]
     provider.shutdown()

@@ -96,8 +96,12 @@ def test_framework_request_cycle(
     # FastAPI hands the session from the dependency's threadpool thread to the endpoint's
     # whenever anyio picks another thread (under load: how often is up to the scheduler,
     # so shown, not asserted; test_insight covers the counting deterministically).
-    handoffs = sum(p["internal"]["handoffs"] for doc in server.docs().values()
-                   for p in doc["pools"] if p["pool"] == "framework")  # fmt: skip
+    handoffs = sum(
+        p["internal"]["handoffs"]
+        for doc in server.docs().values()
+        for p in doc["pools"]
+        if p["pool"] == "framework"
+    )
     print(f"{case}: {handoffs} handoffs in {served} requests, no misuse reported")
     # No ghost: once the load stopped, no hold is shown.
     wait_for(lambda: _holds(server) == [], 2 * INTERVAL + 5, "no live hold after the load")
@@ -109,8 +113,9 @@ def test_framework_request_cycle(
 
     def reported() -> dict[str, float] | None:
         pool = _pool(server, misuse_pool)
-        cross = pool and {k: v for k, v in pool["counters"]["sqlalchemy.pool.cross_thread_uses"]
-                          .items() if v}  # fmt: skip
+        cross = pool and {
+            k: v for k, v in pool["counters"]["sqlalchemy.pool.cross_thread_uses"].items() if v
+        }
         return cross or None
 
     cross = wait_for(reported, 4 * INTERVAL + 10, "the planted misuse")

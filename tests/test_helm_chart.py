@@ -80,8 +80,9 @@ def render_text(
         return loaded.render(values, name=name, namespace="pm")
 
 
-def render(values: dict[str, Any] | None = None, chart: Path = CHART, name: str = "demo"
-           ) -> list[Obj]:  # fmt: skip
+def render(
+    values: dict[str, Any] | None = None, chart: Path = CHART, name: str = "demo"
+) -> list[Obj]:
     """Every object the chart renders with `values` (NOTES.txt left out)."""
     objects: list[Obj] = []
     for path, text in render_text(values, chart, name).items():
@@ -145,14 +146,18 @@ def lint_problems(chart: Path, values: dict[str, Any] | None = None, **kw: Any) 
 
 
 def committed_rule_groups() -> list[Obj]:
-    return [g for name in ("recording.yml", "alerts.yml")
-            for g in yaml.safe_load((RULES / name).read_text())["groups"]]  # fmt: skip
+    return [
+        g
+        for name in ("recording.yml", "alerts.yml")
+        for g in yaml.safe_load((RULES / name).read_text())["groups"]
+    ]
 
 
 def rendered_rule_groups(**overrides: Any) -> list[Obj]:
     files = render_rules(**overrides)
-    return [g for name in ("recording.yml", "alerts.yml")
-            for g in yaml.safe_load(files[name])["groups"]]  # fmt: skip
+    return [
+        g for name in ("recording.yml", "alerts.yml") for g in yaml.safe_load(files[name])["groups"]
+    ]
 
 
 def rule_values(**rule: Any) -> dict[str, Any]:
@@ -169,14 +174,36 @@ def test_lints_renders_and_validates(variant: str) -> None:
     objects = render(values)
     validate_kubernetes(objects)
     expected = {
-        "defaults": ["Deployment", "Secret", "Secret", "Service", "Service", "ServiceAccount",
-                     "StatefulSet"],
-        "everything": ["ConfigMap"] * 4 + ["Deployment", "PodMonitor", "PrometheusRule",
-                                           "Secret", "Secret", "Service", "Service",
-                                           "ServiceAccount", "StatefulSet"],
-        "external-dsn": ["Deployment", "PodMonitor", "PrometheusRule", "Secret", "Service",
-                         "ServiceAccount"],
-    }[variant]  # fmt: skip
+        "defaults": [
+            "Deployment",
+            "Secret",
+            "Secret",
+            "Service",
+            "Service",
+            "ServiceAccount",
+            "StatefulSet",
+        ],
+        "everything": ["ConfigMap"] * 4
+        + [
+            "Deployment",
+            "PodMonitor",
+            "PrometheusRule",
+            "Secret",
+            "Secret",
+            "Service",
+            "Service",
+            "ServiceAccount",
+            "StatefulSet",
+        ],
+        "external-dsn": [
+            "Deployment",
+            "PodMonitor",
+            "PrometheusRule",
+            "Secret",
+            "Service",
+            "ServiceAccount",
+        ],
+    }[variant]
     assert kinds(objects) == expected
 
 
@@ -236,7 +263,9 @@ def test_sidecar_probes_ports_and_resources() -> None:
         assert c["resources"]["limits"]["memory"], c["name"]
     service = one(render(), "Service", "demo")
     assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {
-        "http": "http", "pool-monitor": "pool-monitor"}  # fmt: skip
+        "http": "http",
+        "pool-monitor": "pool-monitor",
+    }
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -290,7 +319,8 @@ def test_dsn_comes_from_a_secret_never_in_clear(variant: str) -> None:
             "dsn",
         )
         assert [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"] == [
-            "demo-pool-monitor-api-token"]  # fmt: skip
+            "demo-pool-monitor-api-token"
+        ]
     else:
         assert ref == {"name": "demo-pool-monitor-postgresql", "key": "dsn"}
         assert dsn_secret["secretName"] == "demo-pool-monitor-postgresql"
@@ -360,15 +390,22 @@ def test_podmonitor_selects_the_sidecar_pods_with_extra_labels() -> None:
     assert selector.items() <= pod_labels.items()
     (endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
     assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == (
-        "pool-monitor", "/metrics", "15s")  # fmt: skip
+        "pool-monitor",
+        "/metrics",
+        "15s",
+    )
     assert endpoint["relabelings"][0]["targetLabel"] == "service"
     assert endpoint["metricRelabelings"] == EVERYTHING["podMonitor"]["metricRelabelings"]
     assert "namespaceSelector" not in pod_monitor["spec"]
 
 
 def test_podmonitor_in_the_monitoring_namespace_looks_back() -> None:
-    pod_monitor = one(render({"podMonitor": {"enabled": True, "namespace": "monitoring",
-                                             "selector": {"app": "x"}}}), "PodMonitor")  # fmt: skip
+    pod_monitor = one(
+        render(
+            {"podMonitor": {"enabled": True, "namespace": "monitoring", "selector": {"app": "x"}}}
+        ),
+        "PodMonitor",
+    )
     assert pod_monitor["metadata"]["namespace"] == "monitoring"
     assert pod_monitor["spec"]["namespaceSelector"] == {"matchNames": ["pm"]}
     assert pod_monitor["spec"]["selector"]["matchLabels"] == {"app": "x"}
@@ -384,26 +421,48 @@ def test_prometheusrule_equals_the_committed_rule_files() -> None:
 
 
 OVERRIDES: list[dict[str, Any]] = [
-    {"thresholds": {"pool_saturation_ratio": 0.95, "wait_time_p95_seconds": 0.25,
-                    "pg_idle_in_transaction_seconds": 45.5, "pending_requests": 3,
-                    "idle_in_use_share": 0.123456789, "pg_connections_usage_ratio": 1,
-                    "checkout_timeouts": 2.5, "idle_in_use_min_held_connections": 0}},
-    {"for_": {"PoolSaturated": "90s", "PostgresIdleInTransactionTooLong": "1h30m"},
-     "severity": {"PoolSaturated": "critical", "PoolHoldTimeMostlyIdle": "warning"}},
-    {"disabled": ["PoolMonitorErrors", "PoolCrossThreadConnectionUse"],
-     "runbook_base_url": "https://runbooks.example.com/pool-monitor"},
+    {
+        "thresholds": {
+            "pool_saturation_ratio": 0.95,
+            "wait_time_p95_seconds": 0.25,
+            "pg_idle_in_transaction_seconds": 45.5,
+            "pending_requests": 3,
+            "idle_in_use_share": 0.123456789,
+            "pg_connections_usage_ratio": 1,
+            "checkout_timeouts": 2.5,
+            "idle_in_use_min_held_connections": 0,
+        }
+    },
+    {
+        "for_": {"PoolSaturated": "90s", "PostgresIdleInTransactionTooLong": "1h30m"},
+        "severity": {"PoolSaturated": "critical", "PoolHoldTimeMostlyIdle": "warning"},
+    },
+    {
+        "disabled": ["PoolMonitorErrors", "PoolCrossThreadConnectionUse"],
+        "runbook_base_url": "https://runbooks.example.com/pool-monitor",
+    },
     # Every alert of one group off: the group goes too.
-    {"disabled": ["PostgresIdleInTransactionTooLong", "PostgresConnectionsNearLimit",
-                  "PostgresCollectorDown"]},
-]  # fmt: skip
+    {
+        "disabled": [
+            "PostgresIdleInTransactionTooLong",
+            "PostgresConnectionsNearLimit",
+            "PostgresCollectorDown",
+        ]
+    },
+]
 
 
 @pytest.mark.parametrize(
     "overrides", OVERRIDES, ids=["thresholds", "for-severity", "disabled-runbook", "disabled-group"]
 )
 def test_prometheusrule_overrides_equal_render_rules(overrides: dict[str, Any]) -> None:
-    keys = {"thresholds": "thresholds", "for_": "for", "severity": "severity",
-            "disabled": "disabled", "runbook_base_url": "runbookBaseUrl"}  # fmt: skip
+    keys = {
+        "thresholds": "thresholds",
+        "for_": "for",
+        "severity": "severity",
+        "disabled": "disabled",
+        "runbook_base_url": "runbookBaseUrl",
+    }
     values = rule_values(**{keys[k]: v for k, v in overrides.items()})
     rule = one(render(values), "PrometheusRule")
     assert rule["spec"]["groups"] == rendered_rule_groups(**overrides)
@@ -425,8 +484,9 @@ def test_additional_rule_labels_on_alerts_only() -> None:
         assert rule["labels"]["team"] == "payments"
         assert rule["labels"]["severity"] in ("info", "warning", "critical")
     assert records == [r for g in expected for r in g["rules"] if "record" in r]
-    stripped = [{**r, "labels": {k: v for k, v in r["labels"].items() if k != "team"}}
-                for r in alerts]  # fmt: skip
+    stripped = [
+        {**r, "labels": {k: v for k, v in r["labels"].items() if k != "team"}} for r in alerts
+    ]
     assert stripped == [r for g in expected for r in g["rules"] if "alert" in r]
 
 
@@ -447,8 +507,13 @@ def test_dashboard_configmaps_hold_dashboards_json_exactly() -> None:
 
 
 def test_dashboards_exclude_and_labels() -> None:
-    values = {"dashboards": {"enabled": True, "exclude": ["demo-anti-pattern-vs-fix"],
-                             "labels": {"grafana_dashboard": "1", "team": "db"}}}  # fmt: skip
+    values = {
+        "dashboards": {
+            "enabled": True,
+            "exclude": ["demo-anti-pattern-vs-fix"],
+            "labels": {"grafana_dashboard": "1", "team": "db"},
+        }
+    }
     maps = [o for o in render(values) if o["kind"] == "ConfigMap"]
     names = sorted(next(iter(cm["data"])) for cm in maps)
     assert "demo-anti-pattern-vs-fix.json" not in names
@@ -460,22 +525,46 @@ def test_dashboards_exclude_and_labels() -> None:
 
 
 BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
-    ("dsn in clear", {"database": {"dsn": "postgresql://u:p@h/db"}},
-     "additional properties 'dsn' not allowed"),
-    ("password in clear", {"postgresql": {"auth": {"password": "hunter2"}}},
-     "additional properties 'password' not allowed"),
-    ("ratio above 1", {"prometheusRule": {"thresholds": {"pool_saturation_ratio": 1.5}}},
-     "/prometheusRule/thresholds/pool_saturation_ratio"),
-    ("unknown threshold", {"prometheusRule": {"thresholds": {"pool_saturation": 0.5}}},
-     "additional properties 'pool_saturation' not allowed"),
-    ("threshold as text", {"prometheusRule": {"thresholds": {"pending_requests": "many"}}},
-     "/prometheusRule/thresholds/pending_requests"),
-    ("bad duration", {"prometheusRule": {"for": {"PoolSaturated": "5 minutes"}}},
-     "/prometheusRule/for/PoolSaturated"),
-    ("bad severity", {"prometheusRule": {"severity": {"PoolSaturated": "page"}}},
-     "/prometheusRule/severity/PoolSaturated"),
-    ("unknown alert disabled", {"prometheusRule": {"disabled": ["PoolOnFire"]}},
-     "/prometheusRule/disabled/0"),
+    (
+        "dsn in clear",
+        {"database": {"dsn": "postgresql://u:p@h/db"}},
+        "additional properties 'dsn' not allowed",
+    ),
+    (
+        "password in clear",
+        {"postgresql": {"auth": {"password": "hunter2"}}},
+        "additional properties 'password' not allowed",
+    ),
+    (
+        "ratio above 1",
+        {"prometheusRule": {"thresholds": {"pool_saturation_ratio": 1.5}}},
+        "/prometheusRule/thresholds/pool_saturation_ratio",
+    ),
+    (
+        "unknown threshold",
+        {"prometheusRule": {"thresholds": {"pool_saturation": 0.5}}},
+        "additional properties 'pool_saturation' not allowed",
+    ),
+    (
+        "threshold as text",
+        {"prometheusRule": {"thresholds": {"pending_requests": "many"}}},
+        "/prometheusRule/thresholds/pending_requests",
+    ),
+    (
+        "bad duration",
+        {"prometheusRule": {"for": {"PoolSaturated": "5 minutes"}}},
+        "/prometheusRule/for/PoolSaturated",
+    ),
+    (
+        "bad severity",
+        {"prometheusRule": {"severity": {"PoolSaturated": "page"}}},
+        "/prometheusRule/severity/PoolSaturated",
+    ),
+    (
+        "unknown alert disabled",
+        {"prometheusRule": {"disabled": ["PoolOnFire"]}},
+        "/prometheusRule/disabled/0",
+    ),
     ("unknown dashboard", {"dashboards": {"exclude": ["nope"]}}, "/dashboards/exclude/0"),
     ("disk medium", {"snapshots": {"medium": "Disk"}}, "/snapshots/medium"),
     ("no size limit", {"snapshots": {"sizeLimit": ""}}, "/snapshots/sizeLimit"),
@@ -485,14 +574,18 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("pull policy", {"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ("numeric label", {"podMonitor": {"labels": {"release": 1}}}, "/podMonitor/labels/release"),
     ("bad scrape interval", {"podMonitor": {"interval": "30 seconds"}}, "/podMonitor/interval"),
-    ("typo at top level", {"podmonitor": {"enabled": True}},
-     "additional properties 'podmonitor' not allowed"),
+    (
+        "typo at top level",
+        {"podmonitor": {"enabled": True}},
+        "additional properties 'podmonitor' not allowed",
+    ),
     ("secret name", {"database": {"existingSecret": "Orders_DB"}}, "/database/existingSecret"),
-]  # fmt: skip
+]
 
 
-@pytest.mark.parametrize(("values", "message"), [(v, m) for _, v, m in BAD_VALUES],
-                         ids=[i for i, _, _ in BAD_VALUES])  # fmt: skip
+@pytest.mark.parametrize(
+    ("values", "message"), [(v, m) for _, v, m in BAD_VALUES], ids=[i for i, _, _ in BAD_VALUES]
+)
 def test_schema_rejects_bad_values(values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmValuesError) as caught:
         render(values)
@@ -551,8 +644,11 @@ def example_chart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The example, with its `file://../../pool-monitor` dependency fetched as a user would."""
     root = tmp_path_factory.mktemp("helm")
     shutil.copytree(CHART, root / "pool-monitor")
-    shutil.copytree(EXAMPLE, root / "examples" / "my-service",
-                    ignore=shutil.ignore_patterns("charts", "Chart.lock"))  # fmt: skip
+    shutil.copytree(
+        EXAMPLE,
+        root / "examples" / "my-service",
+        ignore=shutil.ignore_patterns("charts", "Chart.lock"),
+    )
     chart = root / "examples" / "my-service"
     helm.dependency_update(chart)
     assert [p.name for p in (chart / "charts").iterdir()] == ["pool-monitor-0.1.0.tgz"]
@@ -563,8 +659,13 @@ def test_example_chart_lints_renders_and_validates(example_chart: Path) -> None:
     assert lint_problems(example_chart, with_subcharts=True) == []
     objects = render(chart=example_chart, name="orders")
     validate_kubernetes(objects)
-    assert kinds(objects) == ["ConfigMap"] * 3 + ["Deployment", "PodMonitor", "PrometheusRule",
-                                                  "Secret", "Service"]  # fmt: skip
+    assert kinds(objects) == ["ConfigMap"] * 3 + [
+        "Deployment",
+        "PodMonitor",
+        "PrometheusRule",
+        "Secret",
+        "Service",
+    ]
 
 
 def test_example_chart_gets_sidecar_volume_and_podmonitor(example_chart: Path) -> None:
@@ -578,7 +679,8 @@ def test_example_chart_gets_sidecar_volume_and_podmonitor(example_chart: Path) -
     assert mount(sidecar, "pool-monitor-snapshots")["readOnly"] is True
     assert volume(app_deployment, "pool-monitor-snapshots")["emptyDir"]["medium"] == "Memory"
     assert volume(app_deployment, "pool-monitor-postgres-dsn")["secret"]["secretName"] == (
-        "orders-db-monitor")  # fmt: skip
+        "orders-db-monitor"
+    )
     token = volume(app_deployment, "pool-monitor-api-token")["secret"]["secretName"]
     assert one(objects, "Secret")["metadata"]["name"] == token == "orders-pool-monitor-api-token"
     assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -594,5 +696,6 @@ def test_example_chart_gets_sidecar_volume_and_podmonitor(example_chart: Path) -
         thresholds={"pool_saturation_ratio": 0.85}, for_={"PoolSaturated": "10m"}
     )
     names = sorted(next(iter(o["data"])) for o in objects if o["kind"] == "ConfigMap")
-    assert names == sorted(p.name for p in DASHBOARD_JSON.glob("*.json")
-                           if p.stem != "demo-anti-pattern-vs-fix")  # fmt: skip
+    assert names == sorted(
+        p.name for p in DASHBOARD_JSON.glob("*.json") if p.stem != "demo-anti-pattern-vs-fix"
+    )

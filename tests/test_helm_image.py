@@ -137,8 +137,11 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 
 
 def test_copied_files_exist_and_are_in_the_build_context() -> None:
-    ignore = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-              if line.strip() and not line.startswith("#")]  # fmt: skip
+    ignore = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert not any(p.startswith("!") for p in ignore), "keep .dockerignore simple"
     copied: list[str] = []
     for stage in stages():
@@ -183,8 +186,10 @@ def test_the_image_carries_the_repository_s_tools_on_the_path(tmp_path: Path) ->
     subprocess.run([str(python), "-c", snippet.group(1)], check=True)  # as sh passes it
     purelib = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     pth = Path(purelib) / "pool-monitor-tools.pth"
     assert pth.read_text() == "/opt/pool-monitor/tools\n"
 
@@ -247,8 +252,11 @@ def test_app_start_command_clears_stale_snapshots_then_execs(tmp_path: Path) -> 
     probe = "import os, sys; print(sorted(os.listdir(sys.argv[1])), sys.argv[2])"
     result = subprocess.run(
         [*app["command"], sys.executable, "-c", probe, str(snapshots), "exec'd"],
-        capture_output=True, text=True, timeout=30, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     assert result.stdout.strip() == "['keep-me.json', 'pool-monitor.conf'] exec'd"
 
 
@@ -261,8 +269,14 @@ def test_schema_init_container_creates_the_demo_tables(database_url: str) -> Non
     init = container(demo, "schema")
     assert init["command"][:3] == ["python", "-m", "demo_app.schema"]
     env = {**os.environ, "DATABASE_URL": database_url}
-    result = subprocess.run([sys.executable, *init["command"][1:]], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, *init["command"][1:]],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "demo tables ready" in result.stdout
     engine = create_engine(database_url)
@@ -274,14 +288,25 @@ def test_schema_init_container_creates_the_demo_tables(database_url: str) -> Non
 
 def test_schema_command_fails_clearly_without_a_database() -> None:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    result = subprocess.run([sys.executable, "-m", "demo_app.schema"], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "demo_app.schema"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and "DATABASE_URL is not set" in result.stderr
     env["DATABASE_URL"] = "postgresql://nobody@127.0.0.1:1/none"
-    result = subprocess.run([sys.executable, "-m", "demo_app.schema", "--wait", "0"], env=env,
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert result.returncode == 1 and "demo schema not created: OperationalError" in (
-        result.stderr)
+    result = subprocess.run(
+        [sys.executable, "-m", "demo_app.schema", "--wait", "0"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "demo schema not created: OperationalError" in (result.stderr)
 
 
 def test_external_dsn_variant_needs_no_bundled_database() -> None:

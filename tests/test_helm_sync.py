@@ -99,9 +99,10 @@ def test_every_value_is_documented_in_the_readme_table() -> None:
     values_text = (CHART / "values.yaml").read_text()
     documented = {tuple(key.split(".")) for key, *_ in sync.values_rows(values_text)}
     missing = [
-        ".".join(leaf) for leaf in _leaves(yaml.safe_load(values_text))
+        ".".join(leaf)
+        for leaf in _leaves(yaml.safe_load(values_text))
         if not any(leaf[: len(d)] == d for d in documented)
-    ]  # fmt: skip
+    ]
     assert missing == []
     readme = (ROOT / "helm" / "README.md").read_text()
     for key in documented:

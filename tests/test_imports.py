@@ -32,15 +32,20 @@ def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
             out.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             out.add(node.module)
-            out.update(f"{node.module}.{a.name}" for a in node.names
-                       if f"{node.module}.{a.name}" in modules)  # fmt: skip
+            out.update(
+                f"{node.module}.{a.name}"
+                for a in node.names
+                if f"{node.module}.{a.name}" in modules
+            )
     return out
 
 
 def _graph() -> dict[str, set[str]]:
     modules = _modules()
-    return {name: {m for m in _imports(path, modules) if m in modules and m != name}
-            for name, path in modules.items()}  # fmt: skip
+    return {
+        name: {m for m in _imports(path, modules) if m in modules and m != name}
+        for name, path in modules.items()
+    }
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:

@@ -110,16 +110,16 @@ def test_site_prefixes_are_configurable(engines: Engines) -> None:
     # site-packages, so including it by prefix is what makes it one.
     import _pytest
 
-    pm = monitor.instrument(engine, pool_name="api", site_exclude=[__file__],
-                            site_include=[_pytest.__path__[0]])  # fmt: skip
+    pm = monitor.instrument(
+        engine, pool_name="api", site_exclude=[__file__], site_include=[_pytest.__path__[0]]
+    )
     with engine.connect():
         pass
     (site,) = counter(pm, "sqlalchemy.pool.site_checkouts")
     assert site.startswith("_pytest/python.py:") and site.endswith(":pytest_pyfunc_call")
 
 
-def test_code_sites_can_be_turned_off(engines: Engines, monkeypatch: pytest.MonkeyPatch
-                                      ) -> None:  # fmt: skip
+def test_code_sites_can_be_turned_off(engines: Engines, monkeypatch: pytest.MonkeyPatch) -> None:
     pm = monitor.instrument(engines.sync(pool_size=2), pool_name="no-sites", code_sites=False)
     with pm.engine.connect():  # type: ignore[union-attr]
         pass
@@ -127,8 +127,9 @@ def test_code_sites_can_be_turned_off(engines: Engines, monkeypatch: pytest.Monk
     monkeypatch.setenv("POOL_MONITOR_CODE_SITES", "off")
     assert monitor.instrument(engines.sync()).settings.code_sites is False
     monkeypatch.setenv("POOL_MONITOR_CODE_SITES", "maybe")
-    with pytest.raises(monitor.ConfigError, match="POOL_MONITOR_CODE_SITES: code_sites must "
-                                                  "be true or false"):  # fmt: skip
+    with pytest.raises(
+        monitor.ConfigError, match="POOL_MONITOR_CODE_SITES: code_sites must be true or false"
+    ):
         monitor.instrument(engines.sync())
 
 
@@ -137,8 +138,9 @@ def test_top_k_sites_and_other_keep_memory_and_exposition_bounded(engines: Engin
     memory and the exposition stay bounded."""
     engine = engines.sync(pool_size=2)
     pm = monitor.instrument(engine, pool_name="many", max_sites=50)
-    source = "\n".join(f"def site_{n}(engine):\n    with engine.connect():\n        pass"
-                       for n in range(1000))  # fmt: skip
+    source = "\n".join(
+        f"def site_{n}(engine):\n    with engine.connect():\n        pass" for n in range(1000)
+    )
 
     def run_batch(batch: int) -> None:
         namespace: dict[str, object] = {}
@@ -166,8 +168,11 @@ def test_top_k_sites_and_other_keep_memory_and_exposition_bounded(engines: Engin
     registry = CollectorRegistry()
     registry.register(MonitorCollector(lambda: [pm.snapshot()], lambda: {}))
     exposition = generate_latest(registry).decode()
-    site_lines = [line for line in exposition.splitlines()
-                  if line.startswith("sqlalchemy_pool_site_checkouts_total{")]  # fmt: skip
+    site_lines = [
+        line
+        for line in exposition.splitlines()
+        if line.startswith("sqlalchemy_pool_site_checkouts_total{")
+    ]
     assert len(site_lines) == 51
     assert len(exposition) < 200_000
 
@@ -234,8 +239,9 @@ def test_long_held_sync_warns_once_with_the_current_stack(
 ) -> None:
     events: list[monitor.LongHeldEvent] = []
     engine = engines.sync(pool_size=2)
-    pm = monitor.instrument(engine, pool_name="api", long_held_threshold=0.5,
-                            on_long_held=events.append)  # fmt: skip
+    pm = monitor.instrument(
+        engine, pool_name="api", long_held_threshold=0.5, on_long_held=events.append
+    )
     fn = test_long_held_sync_warns_once_with_the_current_stack
     name = fn.__name__
     with caplog.at_level(logging.INFO, logger="monitor.long_held"):
@@ -329,8 +335,7 @@ def test_long_held_gauges_while_the_connection_is_out(engines: Engines) -> None:
     assert gauges["sqlalchemy.pool.oldest_checkout_age"] == 0
 
 
-def test_threshold_zero_disables_alerts(engines: Engines, caplog: pytest.LogCaptureFixture
-                                        ) -> None:  # fmt: skip
+def test_threshold_zero_disables_alerts(engines: Engines, caplog: pytest.LogCaptureFixture) -> None:
     engine = engines.sync(pool_size=2)
     pm = monitor.instrument(engine, pool_name="api", long_held_threshold=0)
     with caplog.at_level(logging.INFO, logger="monitor.long_held"), engine.connect():
@@ -344,8 +349,12 @@ def test_threshold_zero_disables_alerts(engines: Engines, caplog: pytest.LogCapt
 
 # -- misuse (seed 000) ------------------------------------------------------------------
 
-LEASES = Table("pm_test_lease", MetaData(), Column("id", Integer, primary_key=True),
-               Column("version", Integer, nullable=False))  # fmt: skip
+LEASES = Table(
+    "pm_test_lease",
+    MetaData(),
+    Column("id", Integer, primary_key=True),
+    Column("version", Integer, nullable=False),
+)
 
 
 def _heartbeat(session_for_beat: Session | sessionmaker[Session], stop: threading.Event) -> None:
@@ -363,8 +372,9 @@ def _worker(engine: object, share_session: bool) -> None:
     stop = threading.Event()
     with factory() as session:
         session.execute(select(LEASES.c.version))  # the worker holds its connection now
-        beat = threading.Thread(target=_heartbeat, name="heartbeat",
-                                args=(session if share_session else factory, stop))  # fmt: skip
+        beat = threading.Thread(
+            target=_heartbeat, name="heartbeat", args=(session if share_session else factory, stop)
+        )
         beat.start()
         for _ in range(6):
             session.execute(select(LEASES.c.version))
@@ -504,8 +514,9 @@ def test_overlapping_statements_on_one_connection(engines: Engines) -> None:
     engine = engines.sync(pool_size=2)
     pm = monitor.instrument(engine, pool_name="api")
     with engine.connect() as conn:
-        slow = threading.Thread(target=lambda: conn.exec_driver_sql("select pg_sleep(0.4)"),
-                                name="slow")  # fmt: skip
+        slow = threading.Thread(
+            target=lambda: conn.exec_driver_sql("select pg_sleep(0.4)"), name="slow"
+        )
         slow.start()
         time.sleep(0.1)
         conn.exec_driver_sql("select 2")  # overlaps: the driver serializes, we notice

@@ -38,8 +38,18 @@ def engines(database_url: str) -> Iterator[Engines]:
 def _pool_state(engine: sa.Engine) -> dict[str, Any]:
     """Everything about a pool and dialect that instrumenting could change."""
     pool = engine.pool
-    events = ("checkout", "checkin", "connect", "detach", "reset", "invalidate", "close",
-              "close_detached", "soft_invalidate", "first_connect")  # fmt: skip
+    events = (
+        "checkout",
+        "checkin",
+        "connect",
+        "detach",
+        "reset",
+        "invalidate",
+        "close",
+        "close_detached",
+        "soft_invalidate",
+        "first_connect",
+    )
     state = {  # first: reading `dispatch` memoizes it on the instance
         "listeners": {n: list(getattr(pool.dispatch, n)) for n in events},
         "dialect_events": {
@@ -62,8 +72,10 @@ def _comparable(calls: list[Any]) -> list[tuple[str, tuple[Any, ...], dict[str, 
     def plain(value: Any) -> Any:
         return f"<{type(value).__name__}>" if callable(value) else value
 
-    return [(name, tuple(map(plain, args)), {k: plain(v) for k, v in kwargs.items()})
-            for name, args, kwargs in calls]  # fmt: skip
+    return [
+        (name, tuple(map(plain, args)), {k: plain(v) for k, v in kwargs.items()})
+        for name, args, kwargs in calls
+    ]
 
 
 def _recorded_sqlite_session(instrumented: bool) -> list[Any]:

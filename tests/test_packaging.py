@@ -38,9 +38,20 @@ PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 TOOLS = ("demo_app", "dashboards", "compat", "tests", "helm")
 #: What a fresh clone would not have.
 NOT_IN_A_CLONE = shutil.ignore_patterns(
-    ".git", ".venv*", "*.egg-info", "__pycache__", "*.py[cod]", ".pytest_cache", ".ruff_cache",
-    ".hypothesis", ".compat-cache", "build", "dist", "demo-report", ".pgdata",
-)  # fmt: skip
+    ".git",
+    ".venv*",
+    "*.egg-info",
+    "__pycache__",
+    "*.py[cod]",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".hypothesis",
+    ".compat-cache",
+    "build",
+    "dist",
+    "demo-report",
+    ".pgdata",
+)
 TIMEOUT = 300
 
 
@@ -53,9 +64,13 @@ class Dists:
 
 def _run(command: list[str | Path], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(c) for c in command], capture_output=True, text=True, timeout=TIMEOUT,
-        check=False, **kwargs,
-    )  # fmt: skip
+        [str(c) for c in command],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+        **kwargs,
+    )
 
 
 def _clean_env() -> dict[str, str]:
@@ -97,8 +112,9 @@ def _metadata(dists: Dists) -> Message:
 
 def _library_files(source: Path) -> set[str]:
     """Every file of the monitor package in the built tree, as a relative POSIX path."""
-    return {p.relative_to(source).as_posix() for p in (source / "monitor").rglob("*")
-            if p.is_file()}  # fmt: skip
+    return {
+        p.relative_to(source).as_posix() for p in (source / "monitor").rglob("*") if p.is_file()
+    }
 
 
 def test_wheel_holds_the_library_only(dists: Dists) -> None:
@@ -109,8 +125,11 @@ def test_wheel_holds_the_library_only(dists: Dists) -> None:
     assert not [n for n in names if n.split("/")[0] in TOOLS]
     # Every module, the sidecar's static files, py.typed if there is one; not other files
     # (a README next to the code is for the repository's readers).
-    package = {n for n in _library_files(dists.source) if n.endswith(".py")
-               or n.startswith("monitor/sidecar/static/") or n == "monitor/py.typed"}  # fmt: skip
+    package = {
+        n
+        for n in _library_files(dists.source)
+        if n.endswith(".py") or n.startswith("monitor/sidecar/static/") or n == "monitor/py.typed"
+    }
     assert {n for n in names if n.startswith("monitor/")} == package
     assert {"monitor/sidecar/static/index.html", "monitor/sidecar/static/live.js"} <= package
     with zipfile.ZipFile(dists.wheel) as wheel:
@@ -130,13 +149,17 @@ def test_wheel_metadata(dists: Dists) -> None:
 
     def declared(extra: str | None) -> set[tuple[str, str, tuple[str, ...]]]:
         environment = {"extra": extra or "", "python_version": "3.11"}
-        return {(r.name, str(r.specifier), tuple(sorted(r.extras))) for r in requires
-                if (r.marker is None) == (extra is None)
-                and (r.marker is None or r.marker.evaluate(environment))}  # fmt: skip
+        return {
+            (r.name, str(r.specifier), tuple(sorted(r.extras)))
+            for r in requires
+            if (r.marker is None) == (extra is None)
+            and (r.marker is None or r.marker.evaluate(environment))
+        }
 
     def expected(specs: list[str]) -> set[tuple[str, str, tuple[str, ...]]]:
-        return {(r.name, str(r.specifier), tuple(sorted(r.extras)))
-                for r in map(Requirement, specs)}  # fmt: skip
+        return {
+            (r.name, str(r.specifier), tuple(sorted(r.extras))) for r in map(Requirement, specs)
+        }
 
     assert declared(None) == expected(PROJECT["dependencies"])
     for extra in ("sidecar", "otel"):

@@ -251,8 +251,9 @@ def cluster(database_url: str) -> Iterator[Cluster]:
         stop_sidecar(sidecar, http, log_file, tmp)
 
 
-def stop_sidecar(sidecar: subprocess.Popen[Any], http: httpx.Client, log_file: Any,
-                 tmp: Path) -> None:  # fmt: skip
+def stop_sidecar(
+    sidecar: subprocess.Popen[Any], http: httpx.Client, log_file: Any, tmp: Path
+) -> None:
     """SIGTERM the sidecar (killed if it lingers) and clean up what the test made."""
     sidecar.send_signal(signal.SIGTERM)
     try:

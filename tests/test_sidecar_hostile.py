@@ -167,7 +167,7 @@ def test_holds_per_process_keep_the_oldest(tmp_path: Path, clock: Clock) -> None
     view = Aggregator(str(tmp_path), clock=clock).scan()
     assert len(view.holds) == schema.MAX_HOLDS_PER_PROCESS
     oldest = max(h["age_s"] for h in view.holds)
-    assert oldest == pytest.approx(1.0 + many // 2 - 1, abs=0.3)  # the oldest kept  # fmt: skip
+    assert oldest == pytest.approx(1.0 + many // 2 - 1, abs=0.3)  # the oldest kept
 
 
 def test_checkouts_answer_is_limited_and_sorted_server_side(tmp_path: Path, clock: Clock) -> None:
@@ -253,8 +253,16 @@ def test_memory_of_64_workers_at_the_bounds_stays_under_the_chart_limit() -> Non
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        command = [sys.executable, "-m", "monitor.cli", "sidecar", "--snapshot-dir", directory,
-                   "--listen", f"127.0.0.1:{port}"]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "monitor.cli",
+            "sidecar",
+            "--snapshot-dir",
+            directory,
+            "--listen",
+            f"127.0.0.1:{port}",
+        ]
         proc = subprocess.Popen(
             command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
@@ -283,6 +291,8 @@ def test_memory_of_64_workers_at_the_bounds_stays_under_the_chart_limit() -> Non
             proc.terminate()
             proc.wait(10)
     limit = _chart_memory_limit()
-    print(f"\n[memory] 64 workers at the bounds: sidecar peak RSS {peak / 2**20:.0f} MiB "
-          f"(chart limit {limit / 2**20:.0f} MiB)")  # fmt: skip
+    print(
+        f"\n[memory] 64 workers at the bounds: sidecar peak RSS {peak / 2**20:.0f} MiB "
+        f"(chart limit {limit / 2**20:.0f} MiB)"
+    )
     assert peak < limit

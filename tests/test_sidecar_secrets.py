@@ -403,9 +403,33 @@ def test_numbers_of_every_kind_and_parameters() -> None:
 
 
 _WORDS = st.sampled_from(
-    ["SELECT", "FROM", "WHERE", "AND", "t", "col_1", "$1", "=", ",", "(", ")", "::", "||", "-",
-     "+", "42", "1.5", "'ok'", "$$ok$$", "/* ok */", "-- ok\n", "E'o\\'k'", "B'01'", "*"]
-)  # fmt: skip
+    [
+        "SELECT",
+        "FROM",
+        "WHERE",
+        "AND",
+        "t",
+        "col_1",
+        "$1",
+        "=",
+        ",",
+        "(",
+        ")",
+        "::",
+        "||",
+        "-",
+        "+",
+        "42",
+        "1.5",
+        "'ok'",
+        "$$ok$$",
+        "/* ok */",
+        "-- ok\n",
+        "E'o\\'k'",
+        "B'01'",
+        "*",
+    ]
+)
 _CONTENT = st.text(max_size=12)
 
 

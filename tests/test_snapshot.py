@@ -127,8 +127,7 @@ def test_writes_are_atomic_for_a_concurrent_reader(tmp_path: Path, engine: sa.En
     monitor.instrument(
         engine, pool_name="snap-atomic", snapshot_dir=str(tmp_path), snapshot_interval=0.05
     )
-    (writer,) = [w for w in snapshot.writers()
-                 if os.path.samefile(w.directory, tmp_path)]  # fmt: skip
+    (writer,) = [w for w in snapshot.writers() if os.path.samefile(w.directory, tmp_path)]
     stop = threading.Event()
 
     def hammer() -> None:  # many more writes than the interval alone would make

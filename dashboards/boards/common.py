@@ -32,31 +32,56 @@ def pool_variables() -> list[db.QueryVariable | db.DatasourceVariable]:
     """datasource, namespace, job, service, pool — each narrowing the next."""
     return [
         datasource_variable(),
-        query_variable("namespace", "Namespace", f"label_values({_ANCHOR}, namespace)",
-                       "Kubernetes namespace of the scraped service (All outside Kubernetes)."),
-        query_variable("job", "Job", f'label_values({_ANCHOR}{{namespace=~"$namespace"}}, job)',
-                       "Prometheus scrape job."),
-        query_variable("service", "Service",
-                       f'label_values({_ANCHOR}{{namespace=~"$namespace", job=~"$job"}}, service)',
-                       "Kubernetes service (All outside Kubernetes)."),
-        query_variable("pool", "Pool",
-                       f"label_values({_ANCHOR}{{{target_filter()}}}, {s.POOL})",
-                       "SQLAlchemy pool, as named by monitor.instrument(engine, pool_name=...)."),
-    ]  # fmt: skip
+        query_variable(
+            "namespace",
+            "Namespace",
+            f"label_values({_ANCHOR}, namespace)",
+            "Kubernetes namespace of the scraped service (All outside Kubernetes).",
+        ),
+        query_variable(
+            "job",
+            "Job",
+            f'label_values({_ANCHOR}{{namespace=~"$namespace"}}, job)',
+            "Prometheus scrape job.",
+        ),
+        query_variable(
+            "service",
+            "Service",
+            f'label_values({_ANCHOR}{{namespace=~"$namespace", job=~"$job"}}, service)',
+            "Kubernetes service (All outside Kubernetes).",
+        ),
+        query_variable(
+            "pool",
+            "Pool",
+            f"label_values({_ANCHOR}{{{target_filter()}}}, {s.POOL})",
+            "SQLAlchemy pool, as named by monitor.instrument(engine, pool_name=...).",
+        ),
+    ]
 
 
 def target_variables(anchor: str) -> list[db.QueryVariable | db.DatasourceVariable]:
     """datasource, namespace, job, service over another anchor series (e.g. `pg_up`)."""
     return [
         datasource_variable(),
-        query_variable("namespace", "Namespace", f"label_values({anchor}, namespace)",
-                       "Kubernetes namespace of the scraped service (All outside Kubernetes)."),
-        query_variable("job", "Job", f'label_values({anchor}{{namespace=~"$namespace"}}, job)',
-                       "Prometheus scrape job."),
-        query_variable("service", "Service",
-                       f'label_values({anchor}{{namespace=~"$namespace", job=~"$job"}}, service)',
-                       "Kubernetes service (All outside Kubernetes)."),
-    ]  # fmt: skip
+        query_variable(
+            "namespace",
+            "Namespace",
+            f"label_values({anchor}, namespace)",
+            "Kubernetes namespace of the scraped service (All outside Kubernetes).",
+        ),
+        query_variable(
+            "job",
+            "Job",
+            f'label_values({anchor}{{namespace=~"$namespace"}}, job)',
+            "Prometheus scrape job.",
+        ),
+        query_variable(
+            "service",
+            "Service",
+            f'label_values({anchor}{{namespace=~"$namespace", job=~"$job"}}, service)',
+            "Kubernetes service (All outside Kubernetes).",
+        ),
+    ]
 
 
 def lbl(*labels: str) -> str:

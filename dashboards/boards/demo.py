@@ -51,33 +51,42 @@ def _rate(metric: str, sites: str) -> str:
 
 
 HELD = Measure(
-    "Connections held (average)", "short",
+    "Connections held (average)",
+    "short",
     "connection-seconds held per second by the variant's code = connections it keeps busy",
     lambda m: _rate(s.m("sqlalchemy.pool.site_use_time"), m),
 )
 IDLE_SHARE = Measure(
-    "Share of hold time without SQL", "percentunit",
+    "Share of hold time without SQL",
+    "percentunit",
     "of the time the variant's code held a connection, the share it ran no SQL",
-    lambda m: (f"{_rate(s.m('sqlalchemy.pool.site_idle_in_use_time'), m)} / "
-               f"{_rate(s.m('sqlalchemy.pool.site_use_time'), m)}"),
+    lambda m: (
+        f"{_rate(s.m('sqlalchemy.pool.site_idle_in_use_time'), m)} / "
+        f"{_rate(s.m('sqlalchemy.pool.site_use_time'), m)}"
+    ),
     absent_is_zero=False,
-)  # fmt: skip
+)
 CHECKOUTS = Measure(
-    "Checkouts per second", "ops", "connections checked out per second by the variant's code",
+    "Checkouts per second",
+    "ops",
+    "connections checked out per second by the variant's code",
     lambda m: _rate(s.m("sqlalchemy.pool.site_checkouts"), m),
 )
 LONG_HELD = Measure(
-    "Long-held events per second", "ops",
+    "Long-held events per second",
+    "ops",
     "checkouts that passed the long-held threshold (each also logs the holder's stack)",
     lambda m: _rate(s.m("sqlalchemy.pool.long_held_events"), m),
 )
 CROSS_THREAD = Measure(
-    "Cross-thread uses per second", "ops",
+    "Cross-thread uses per second",
+    "ops",
     "statements run from a thread other than the one that checked the connection out",
     lambda m: _rate(s.m("sqlalchemy.pool.cross_thread_uses"), m),
 )
 CONCURRENT = Measure(
-    "Concurrent uses per second", "ops",
+    "Concurrent uses per second",
+    "ops",
     "statements overlapping another statement on the same connection",
     lambda m: _rate(s.m("sqlalchemy.pool.concurrent_uses"), m),
 )
@@ -107,15 +116,18 @@ class Scenario:
 
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
-        "external_call", "session held across an external API call",
+        "external_call",
+        "session held across an external API call",
         "The anti-pattern keeps its session (and connection) open while it calls a slow "
         "external API; the three-stage fix reads, releases the connection, calls the API, "
         "then opens a new short session to write. Expect the fix to hold a fraction of the "
         "connections, with almost no idle share and no long-held events.",
-        ("anti", "three_stage"), (HELD, IDLE_SHARE, LONG_HELD),
+        ("anti", "three_stage"),
+        (HELD, IDLE_SHARE, LONG_HELD),
     ),
     Scenario(
-        "pool_isolation", "one pool for API requests and background jobs",
+        "pool_isolation",
+        "one pool for API requests and background jobs",
         "In the anti-pattern long background jobs and quick API reads share the pool "
         f"'{SHARED_POOL}', so the jobs starve the API; the fix runs jobs on "
         f"'{SPLIT_POOLS[1]}' and the API on '{SPLIT_POOLS[0]}'. Expect the API pool's wait "
@@ -123,44 +135,53 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("shared", "split"),
     ),
     Scenario(
-        "duplicate_rows", "scalar_one_or_none() over duplicate rows",
+        "duplicate_rows",
+        "scalar_one_or_none() over duplicate rows",
         "Duplicate task_ids make scalar_one_or_none() raise MultipleResultsFound in the "
         "unsafe variant; the safe one orders and limits to one row. The correctness "
         "result is in the scenario runner's report; here: the connection cost of each.",
-        ("unsafe", "safe"), (CHECKOUTS, HELD),
+        ("unsafe", "safe"),
+        (CHECKOUTS, HELD),
     ),
     Scenario(
-        "idempotent_payment", "retried payments without an idempotency key",
+        "idempotent_payment",
+        "retried payments without an idempotency key",
         "Retried payment requests charge twice in the naive variant; the idempotent one "
         "records an Idempotency-Key with ON CONFLICT first. Double charges are in the "
         "scenario runner's report; here: hold time and idle share (the payment API call "
         "must not happen inside a session).",
-        ("naive", "idempotent"), (HELD, IDLE_SHARE, CHECKOUTS),
+        ("naive", "idempotent"),
+        (HELD, IDLE_SHARE, CHECKOUTS),
     ),
     Scenario(
-        "lost_update", "read-modify-write from two threads",
+        "lost_update",
+        "read-modify-write from two threads",
         "Two threads incrementing one row lose updates in the naive variant; the "
         "pessimistic fix locks the row (with_for_update), the optimistic one checks a "
         "version column and retries. Lost updates are in the runner's report; here: "
         "locking shows as longer holds (waiting on the row lock), retries as more checkouts.",
-        ("naive", "pessimistic", "optimistic"), (CHECKOUTS, HELD),
+        ("naive", "pessimistic", "optimistic"),
+        (CHECKOUTS, HELD),
     ),
     Scenario(
-        "shared_session", "one Session shared with a heartbeat thread",
+        "shared_session",
+        "one Session shared with a heartbeat thread",
         "The anti-pattern hands the main thread's Session to a heartbeat thread; the fix "
         "passes a session factory so each thread opens its own. Expect cross-thread and "
         "concurrent uses only for the shared variant.",
-        ("shared", "factory"), (CROSS_THREAD, CONCURRENT, HELD),
+        ("shared", "factory"),
+        (CROSS_THREAD, CONCURRENT, HELD),
     ),
     Scenario(
-        "session_store", "in-memory session store written by many threads",
+        "session_store",
+        "in-memory session store written by many threads",
         "The unlocked store (a dict with check-then-set) loses writes and takes no lock, so "
         "it shows nothing here: its lost writes are in the runner's report. The locked fix "
         f"(monitor.lock('{SESSION_STORE_LOCK}', key=session_id)) is correct, and these "
         "panels show what its lock costs.",
         ("unlocked", "locked"),
     ),
-)  # fmt: skip
+)
 
 
 def _legend(role: str, name: str) -> str:
@@ -171,8 +192,12 @@ def _colors(sc: Scenario) -> dict[str, str]:
     colors = {f"^anti-pattern: {sc.anti}.*": ANTI_COLOR}
     if len(sc.fixes) > len(FIX_COLORS):
         raise ValueError(f"{sc.key}: more fixes than fix colours")
-    colors.update({f"^fix: {fix}.*": color
-                   for fix, color in zip(sc.fixes, FIX_COLORS[:len(sc.fixes)], strict=True)})
+    colors.update(
+        {
+            f"^fix: {fix}.*": color
+            for fix, color in zip(sc.fixes, FIX_COLORS[: len(sc.fixes)], strict=True)
+        }
+    )
     return colors
 
 
@@ -187,9 +212,14 @@ def _site_panel(sc: Scenario, measure: Measure, w: int) -> Any:
 
     queries = [query("anti-pattern", sc.anti), *(query("fix", fix) for fix in sc.fixes)]
     return timeseries_panel(
-        measure.title, f"{measure.title}: {measure.what}. {sc.story}", measure.unit, queries,
-        w=w, colors=_colors(sc), max_=1 if measure.unit == "percentunit" else None,
-    )  # fmt: skip
+        measure.title,
+        f"{measure.title}: {measure.what}. {sc.story}",
+        measure.unit,
+        queries,
+        w=w,
+        colors=_colors(sc),
+        max_=1 if measure.unit == "percentunit" else None,
+    )
 
 
 def _pool_isolation_panels(sc: Scenario) -> list[Any]:
@@ -202,31 +232,48 @@ def _pool_isolation_panels(sc: Scenario) -> list[Any]:
     return [
         timeseries_panel(
             "Wait time p95 by pool",
-            f"95th percentile wait for a connection, per pool. {sc.story}", "s",
-            [Q(f'{r.quantile_name(r.WAIT)}{{{anti}, quantile="0.95"}}',
-               _legend("anti-pattern", pool)),
-             Q(f'{r.quantile_name(r.WAIT)}{{{fix}, quantile="0.95"}}', _legend("fix", pool))],
-            w=8, colors=colors,
+            f"95th percentile wait for a connection, per pool. {sc.story}",
+            "s",
+            [
+                Q(
+                    f'{r.quantile_name(r.WAIT)}{{{anti}, quantile="0.95"}}',
+                    _legend("anti-pattern", pool),
+                ),
+                Q(f'{r.quantile_name(r.WAIT)}{{{fix}, quantile="0.95"}}', _legend("fix", pool)),
+            ],
+            w=8,
+            colors=colors,
         ),
         timeseries_panel(
             "Saturation by pool",
             f"Connections used / max of each pool (busiest process). {sc.story}",
             "percentunit",
-            [Q(f"max by ({s.POOL}) ({r.SATURATION}{{{anti}}})", _legend("anti-pattern", pool)),
-             Q(f"max by ({s.POOL}) ({r.SATURATION}{{{fix}}})", _legend("fix", pool))],
-            w=8, max_=1, colors=colors,
+            [
+                Q(f"max by ({s.POOL}) ({r.SATURATION}{{{anti}}})", _legend("anti-pattern", pool)),
+                Q(f"max by ({s.POOL}) ({r.SATURATION}{{{fix}}})", _legend("fix", pool)),
+            ],
+            w=8,
+            max_=1,
+            colors=colors,
         ),
         timeseries_panel(
             "Checkout timeouts by pool",
             f"Checkouts per second that failed after pool_timeout, per pool. {sc.story}",
             "ops",
-            [Q(f"sum by ({s.POOL}) (rate({timeouts}{{{anti}}}[$__rate_interval]))",
-               _legend("anti-pattern", pool)),
-             Q(f"sum by ({s.POOL}) (rate({timeouts}{{{fix}}}[$__rate_interval]))",
-               _legend("fix", pool))],
-            w=8, colors=colors,
+            [
+                Q(
+                    f"sum by ({s.POOL}) (rate({timeouts}{{{anti}}}[$__rate_interval]))",
+                    _legend("anti-pattern", pool),
+                ),
+                Q(
+                    f"sum by ({s.POOL}) (rate({timeouts}{{{fix}}}[$__rate_interval]))",
+                    _legend("fix", pool),
+                ),
+            ],
+            w=8,
+            colors=colors,
         ),
-    ]  # fmt: skip
+    ]
 
 
 def _session_store_panels(sc: Scenario) -> list[Any]:
@@ -236,27 +283,45 @@ def _session_store_panels(sc: Scenario) -> list[Any]:
     return [
         timeseries_panel(
             "Session-store lock wait p50 / p95 / p99",
-            f"Time to acquire the session-store lock. {sc.story}", "s",
-            [Q(f"{r.quantile_name(r.LOCK_WAIT)}{{{locks}}}",
-               _legend("fix", f"{fix} p{lbl('quantile')}"))],
-            w=8, colors=colors,
+            f"Time to acquire the session-store lock. {sc.story}",
+            "s",
+            [
+                Q(
+                    f"{r.quantile_name(r.LOCK_WAIT)}{{{locks}}}",
+                    _legend("fix", f"{fix} p{lbl('quantile')}"),
+                )
+            ],
+            w=8,
+            colors=colors,
         ),
         timeseries_panel(
             "Session-store lock hold p50 / p95 / p99",
-            f"How long the session-store lock is held once acquired. {sc.story}", "s",
-            [Q(f"{r.quantile_name(r.LOCK_HOLD)}{{{locks}}}",
-               _legend("fix", f"{fix} p{lbl('quantile')}"))],
-            w=8, colors=colors,
+            f"How long the session-store lock is held once acquired. {sc.story}",
+            "s",
+            [
+                Q(
+                    f"{r.quantile_name(r.LOCK_HOLD)}{{{locks}}}",
+                    _legend("fix", f"{fix} p{lbl('quantile')}"),
+                )
+            ],
+            w=8,
+            colors=colors,
         ),
         timeseries_panel(
             "Callers waiting for the session-store lock",
             "Seconds spent waiting per second = callers blocked on the lock on average. "
-            f"{sc.story}", "short",
-            [Q(f"sum(rate({s.m('app.lock.wait_time')}_sum{{{locks}}}[$__rate_interval]))",
-               _legend("fix", f"{fix} waiting"))],
-            w=8, colors=colors,
+            f"{sc.story}",
+            "short",
+            [
+                Q(
+                    f"sum(rate({s.m('app.lock.wait_time')}_sum{{{locks}}}[$__rate_interval]))",
+                    _legend("fix", f"{fix} waiting"),
+                )
+            ],
+            w=8,
+            colors=colors,
         ),
-    ]  # fmt: skip
+    ]
 
 
 _CUSTOM_ROWS: dict[str, Callable[[Scenario], list[Any]]] = {
@@ -267,11 +332,12 @@ _CUSTOM_ROWS: dict[str, Callable[[Scenario], list[Any]]] = {
 
 def build() -> dict[str, Any]:
     board = Board(
-        UID, "Pool monitor / Demo: anti-pattern vs fix",
+        UID,
+        "Pool monitor / Demo: anti-pattern vs fix",
         "The demo's scenarios side by side: each row runs one anti-pattern and its fix(es) "
         "from the seed documents; red series are the anti-pattern, green/blue the fixes.",
         target_variables(s.m("db.client.connection.count")),
-    ).link("pool-monitor dashboards", TAGS)  # fmt: skip
+    ).link("pool-monitor dashboards", TAGS)
     for sc in SCENARIOS:
         board.row(f"{sc.key}: {sc.title} ({' vs '.join(sc.variants)})")
         if sc.key in _CUSTOM_ROWS:

@@ -32,11 +32,12 @@ def build() -> dict[str, Any]:
     wait_limit = THRESHOLD_BY_NAME["wait_time_p95_seconds"].default
     rate = "[$__rate_interval]"
     board = Board(
-        UID, "Pool monitor / Pool overview",
+        UID,
+        "Pool monitor / Pool overview",
         "Is a SQLAlchemy pool running dry, and is the time going to waiting for a connection, "
         "holding one, or opening new ones?",
         pool_variables(),
-    ).link("pool-monitor dashboards", TAGS)  # fmt: skip
+    ).link("pool-monitor dashboards", TAGS)
 
     board.row("Is the pool running dry?").add(
         stat_panel(
@@ -55,8 +56,7 @@ def build() -> dict[str, Any]:
             "processes. Anything above zero for long means every connection is checked out; "
             "see the wait-time panels below.",
             "short",
-            [Q(f"sum by ({P}) ({s.m('db.client.connection.pending_requests')}{{{f}}})",
-               lbl(P))],
+            [Q(f"sum by ({P}) ({s.m('db.client.connection.pending_requests')}{{{f}}})", lbl(P))],
             steps=((None, GREEN), (1, RED)),
         ),
         stat_panel(
@@ -65,8 +65,14 @@ def build() -> dict[str, Any]:
             "sqlalchemy.exc.TimeoutError) in the dashboard's time range. Any is a failed "
             "request: see the PoolCheckoutTimeouts runbook.",
             "short",
-            [Q(f"sum by ({P}) (increase({s.m('db.client.connection.timeouts')}{{{f}}}"
-               "[$__range]))", lbl(P), instant=True)],
+            [
+                Q(
+                    f"sum by ({P}) (increase({s.m('db.client.connection.timeouts')}{{{f}}}"
+                    "[$__range]))",
+                    lbl(P),
+                    instant=True,
+                )
+            ],
             steps=((None, GREEN), (1, RED)),
         ),
         stat_panel(
@@ -75,13 +81,22 @@ def build() -> dict[str, Any]:
             "the sidecar while reading worker snapshots. Must be 0; otherwise the numbers on "
             "these dashboards may be wrong. The application/sidecar log has the traceback.",
             "short",
-            [Q(f"sum(increase({s.m('pool_monitor.errors')}{{{f}}}[$__range])) or vector(0)",
-               "hooks", instant=True),
-             Q(f"sum(increase({s.SNAPSHOT_ERRORS}{{{target_filter()}}}[$__range])) "
-               "or vector(0)", "snapshots", instant=True)],
+            [
+                Q(
+                    f"sum(increase({s.m('pool_monitor.errors')}{{{f}}}[$__range])) or vector(0)",
+                    "hooks",
+                    instant=True,
+                ),
+                Q(
+                    f"sum(increase({s.SNAPSHOT_ERRORS}{{{target_filter()}}}[$__range])) "
+                    "or vector(0)",
+                    "snapshots",
+                    instant=True,
+                ),
+            ],
             steps=((None, GREEN), (1, RED)),
         ),
-    )  # fmt: skip
+    )
 
     board.row("Connections").add(
         timeseries_panel(
@@ -92,11 +107,17 @@ def build() -> dict[str, Any]:
             "pool_size the pool runs on overflow connections; when 'used' reaches max, new "
             "checkouts wait. Idle at zero with used at max: pool too small or held too long.",
             "short",
-            [Q(f"sum by ({s.STATE_LABEL}) ({s.m('db.client.connection.count')}{{{f}}})",
-               lbl(s.STATE_LABEL)),
-             Q(f"sum({s.m('db.client.connection.max')}{{{f}}})", "max"),
-             Q(f"sum({s.m('db.client.connection.idle.max')}{{{f}}})", "pool_size")],
-            stack=True, unstacked=("max", "pool_size"), colors={"^pool_size$": ORANGE},
+            [
+                Q(
+                    f"sum by ({s.STATE_LABEL}) ({s.m('db.client.connection.count')}{{{f}}})",
+                    lbl(s.STATE_LABEL),
+                ),
+                Q(f"sum({s.m('db.client.connection.max')}{{{f}}})", "max"),
+                Q(f"sum({s.m('db.client.connection.idle.max')}{{{f}}})", "pool_size"),
+            ],
+            stack=True,
+            unstacked=("max", "pool_size"),
+            colors={"^pool_size$": ORANGE},
             repeat="pool",
         ),
         timeseries_panel(
@@ -107,7 +128,8 @@ def build() -> dict[str, Any]:
             "request there; all high: look at hold time and code sites.",
             "percentunit",
             [Q(f"{r.SATURATION}{{{f}}}", lbl(P, "instance"))],
-            max_=1, threshold=saturation_limit,
+            max_=1,
+            threshold=saturation_limit,
         ),
         timeseries_panel(
             "Overflow connections",
@@ -123,10 +145,9 @@ def build() -> dict[str, Any]:
             "PoolPendingRequestsSustained. Every waiting caller adds the wait time below to "
             "its request.",
             "short",
-            [Q(f"{s.m('db.client.connection.pending_requests')}{{{f}}}",
-               lbl(P, "instance"))],
+            [Q(f"{s.m('db.client.connection.pending_requests')}{{{f}}}", lbl(P, "instance"))],
         ),
-    )  # fmt: skip
+    )
 
     board.row("Waiting for a connection").add(
         timeseries_panel(
@@ -152,8 +173,12 @@ def build() -> dict[str, Any]:
             "Checkouts per second that failed with TimeoutError after pool_timeout. Each is a "
             "failed request. Fires PoolCheckoutTimeouts.",
             "ops",
-            [Q(f"sum by ({P}) (rate({s.m('db.client.connection.timeouts')}{{{f}}}{rate}))",
-               lbl(P))],
+            [
+                Q(
+                    f"sum by ({P}) (rate({s.m('db.client.connection.timeouts')}{{{f}}}{rate}))",
+                    lbl(P),
+                )
+            ],
         ),
         timeseries_panel(
             "Checkouts per second",
@@ -161,10 +186,9 @@ def build() -> dict[str, Any]:
             "hold time: more checkouts with the same hold time needs proportionally more "
             "connections (Little's law: connections in use = checkouts/s x hold time).",
             "ops",
-            [Q(f"sum by ({P}) (rate({s.m('sqlalchemy.pool.checkouts')}{{{f}}}{rate}))",
-               lbl(P))],
+            [Q(f"sum by ({P}) (rate({s.m('sqlalchemy.pool.checkouts')}{{{f}}}{rate}))", lbl(P))],
         ),
-    )  # fmt: skip
+    )
 
     board.row("Holding and opening connections").add(
         timeseries_panel(
@@ -190,9 +214,13 @@ def build() -> dict[str, Any]:
             "disconnect error: database restart, failover, idle timeout on a proxy). 'soft': "
             "replaced at next checkout (pool_recycle or pool-wide invalidation).",
             "ops",
-            [Q(f"sum by ({P}, {s.KIND_LABEL}) "
-               f"(rate({s.m('sqlalchemy.pool.invalidations')}{{{f}}}{rate}))",
-               lbl(P, s.KIND_LABEL))],
+            [
+                Q(
+                    f"sum by ({P}, {s.KIND_LABEL}) "
+                    f"(rate({s.m('sqlalchemy.pool.invalidations')}{{{f}}}{rate}))",
+                    lbl(P, s.KIND_LABEL),
+                )
+            ],
         ),
         timeseries_panel(
             "Connect errors",
@@ -200,8 +228,12 @@ def build() -> dict[str, Any]:
             "max_connections reached, bad credentials or network. Compare with the "
             "PostgreSQL dashboard's backends vs max_connections.",
             "ops",
-            [Q(f"sum by ({P}) (rate({s.m('sqlalchemy.pool.connect_errors')}{{{f}}}{rate}))",
-               lbl(P))],
+            [
+                Q(
+                    f"sum by ({P}) (rate({s.m('sqlalchemy.pool.connect_errors')}{{{f}}}{rate}))",
+                    lbl(P),
+                )
+            ],
         ),
-    )  # fmt: skip
+    )
     return board.to_dict()

@@ -34,17 +34,21 @@ def build() -> dict[str, Any]:
     usage_limit = THRESHOLD_BY_NAME["pg_connections_usage_ratio"].default
     variables = [
         *target_variables("pg_up"),
-        query_variable("application", "Application",
-                       f"label_values(pg_app_backends{{{t}}}, {A})",
-                       "PostgreSQL application_name; set it per pool (connect_args) so the pool "
-                       "and the server views split the same way."),
-    ]  # fmt: skip
+        query_variable(
+            "application",
+            "Application",
+            f"label_values(pg_app_backends{{{t}}}, {A})",
+            "PostgreSQL application_name; set it per pool (connect_args) so the pool "
+            "and the server views split the same way.",
+        ),
+    ]
     board = Board(
-        UID, "Pool monitor / PostgreSQL",
+        UID,
+        "Pool monitor / PostgreSQL",
         "The server's side of the pools: backends per application and state against "
         "max_connections, idle-in-transaction and transaction age, blocking.",
         variables,
-    ).link("pool-monitor dashboards", TAGS)  # fmt: skip
+    ).link("pool-monitor dashboards", TAGS)
 
     board.row("Server capacity").add(
         stat_panel(
@@ -85,7 +89,7 @@ def build() -> dict[str, Any]:
             [Q(f"sum(max by ({A}) (pg_app_blocked_backends{{{app}}}))", "blocked")],
             steps=((None, GREEN), (1, RED)),
         ),
-    )  # fmt: skip
+    )
 
     board.row("Backends").add(
         timeseries_panel(
@@ -95,13 +99,19 @@ def build() -> dict[str, Any]:
             "and max_connections. 'idle in transaction' is a connection holding a "
             "transaction open while the application does something else.",
             "short",
-            [Q(f"max by ({A}, {s.PG_STATE}) (pg_app_backends{{{app}}})", lbl(A, s.PG_STATE)),
-             Q(f"max(pg_max_connections{{{t}}}) - max(pg_reserved_connections{{{t}}})",
-               "usable limit"),
-             Q(f"max(pg_max_connections{{{t}}})", "max_connections")],
-            stack=True, unstacked=("usable limit", "max_connections"), w=24,
+            [
+                Q(f"max by ({A}, {s.PG_STATE}) (pg_app_backends{{{app}}})", lbl(A, s.PG_STATE)),
+                Q(
+                    f"max(pg_max_connections{{{t}}}) - max(pg_reserved_connections{{{t}}})",
+                    "usable limit",
+                ),
+                Q(f"max(pg_max_connections{{{t}}})", "max_connections"),
+            ],
+            stack=True,
+            unstacked=("usable limit", "max_connections"),
+            w=24,
         ),
-    )  # fmt: skip
+    )
 
     board.row("Transactions").add(
         timeseries_panel(
@@ -122,7 +132,7 @@ def build() -> dict[str, Any]:
             "s",
             [Q(f"max by ({A}) (pg_app_transaction_max_seconds{{{app}}})", lbl(A))],
         ),
-    )  # fmt: skip
+    )
 
     board.row("Locks").add(
         timeseries_panel(
@@ -141,7 +151,7 @@ def build() -> dict[str, Any]:
             "s",
             [Q(f"max by ({A}) (pg_app_lock_wait_max_seconds{{{app}}})", lbl(A))],
         ),
-    )  # fmt: skip
+    )
 
     board.row("Pool view vs server view").add(
         timeseries_panel(
@@ -151,11 +161,17 @@ def build() -> dict[str, Any]:
             "With application_name set per pool the pairs should match; more on the server "
             "means connections opened outside the instrumented pools, or leaked ones.",
             "short",
-            [Q(f"sum by ({s.POOL}) ({s.m('db.client.connection.count')}{{{t}}})",
-               f"pool {lbl(s.POOL)}"),
-             Q(f"sum by ({A}) (max by ({A}, {s.PG_STATE}) (pg_app_backends{{{app}}}))",
-               f"server {lbl(A)}")],
+            [
+                Q(
+                    f"sum by ({s.POOL}) ({s.m('db.client.connection.count')}{{{t}}})",
+                    f"pool {lbl(s.POOL)}",
+                ),
+                Q(
+                    f"sum by ({A}) (max by ({A}, {s.PG_STATE}) (pg_app_backends{{{app}}}))",
+                    f"server {lbl(A)}",
+                ),
+            ],
             w=24,
         ),
-    )  # fmt: skip
+    )
     return board.to_dict()

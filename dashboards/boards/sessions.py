@@ -25,15 +25,20 @@ def build() -> dict[str, Any]:
     lock_anchor = s.m("app.lock.hold_time") + "_count"
     variables = [
         *pool_variables(),
-        query_variable("lock", "Lock", f"label_values({lock_anchor}{{{target_filter()}}}, "
-                       f"{s.LOCK})", "Application lock, as named by monitor.lock(name)."),
-    ]  # fmt: skip
+        query_variable(
+            "lock",
+            "Lock",
+            f"label_values({lock_anchor}{{{target_filter()}}}, {s.LOCK})",
+            "Application lock, as named by monitor.lock(name).",
+        ),
+    ]
     board = Board(
-        UID, "Pool monitor / Sessions and code sites",
+        UID,
+        "Pool monitor / Sessions and code sites",
         "Which code holds connections, for how long, and whether it runs SQL meanwhile; "
         "connections shared between threads; application lock contention.",
         variables,
-    ).link("pool-monitor dashboards", TAGS)  # fmt: skip
+    ).link("pool-monitor dashboards", TAGS)
 
     board.row("Long-held connections").add(
         timeseries_panel(
@@ -60,12 +65,18 @@ def build() -> dict[str, Any]:
             "in the dashboard's time range. Start with the top row: open that file and line, "
             "and look for network calls, sleeps or heavy computation inside the session.",
             "short",
-            [Q(f"sort_desc(sum by ({P}, {s.SITE}) "
-               f"(increase({s.m('sqlalchemy.pool.long_held_events')}{{{f}}}[$__range])) > 0)",
-               instant=True, table=True)],
-            value_name="events", w=24,
+            [
+                Q(
+                    f"sort_desc(sum by ({P}, {s.SITE}) "
+                    f"(increase({s.m('sqlalchemy.pool.long_held_events')}{{{f}}}[$__range])) > 0)",
+                    instant=True,
+                    table=True,
+                )
+            ],
+            value_name="events",
+            w=24,
         ),
-    )  # fmt: skip
+    )
 
     board.row("Where connection time goes").add(
         timeseries_panel(
@@ -83,9 +94,12 @@ def build() -> dict[str, Any]:
             "dashed line (PoolHoldTimeMostlyIdle threshold) means code holds sessions across "
             "external calls, sleeps or CPU work: see the idle-in-use table below.",
             "percentunit",
-            [Q(f"{r.IDLE_SHARE}{{{f}}}", f"{lbl(P)} idle"),
-             Q(f"1 - {r.IDLE_SHARE}{{{f}}}", f"{lbl(P)} SQL")],
-            max_=1, threshold=THRESHOLD_BY_NAME["idle_in_use_share"].default,
+            [
+                Q(f"{r.IDLE_SHARE}{{{f}}}", f"{lbl(P)} idle"),
+                Q(f"1 - {r.IDLE_SHARE}{{{f}}}", f"{lbl(P)} SQL"),
+            ],
+            max_=1,
+            threshold=THRESHOLD_BY_NAME["idle_in_use_share"].default,
         ),
         table_panel(
             "Top code sites by connection-seconds held",
@@ -93,9 +107,14 @@ def build() -> dict[str, Any]:
             "range (top 20; sites beyond the exporter's top-K are summed under 'other'). "
             "Divide by the range to get connections kept busy on average.",
             "s",
-            [Q(f"topk(20, sum by ({P}, {s.SITE}) "
-               f"(increase({s.m('sqlalchemy.pool.site_use_time')}{{{f}}}[$__range])))",
-               instant=True, table=True)],
+            [
+                Q(
+                    f"topk(20, sum by ({P}, {s.SITE}) "
+                    f"(increase({s.m('sqlalchemy.pool.site_use_time')}{{{f}}}[$__range])))",
+                    instant=True,
+                    table=True,
+                )
+            ],
             value_name="held",
         ),
         table_panel(
@@ -105,9 +124,14 @@ def build() -> dict[str, Any]:
             "external API calls or slow work: read the data, release the session, do the "
             "slow work, then open a new session to write (the three-stage pattern).",
             "s",
-            [Q(f"topk(20, sum by ({P}, {s.SITE}) "
-               f"(increase({s.m('sqlalchemy.pool.site_idle_in_use_time')}{{{f}}}[$__range])))",
-               instant=True, table=True)],
+            [
+                Q(
+                    f"topk(20, sum by ({P}, {s.SITE}) "
+                    f"(increase({s.m('sqlalchemy.pool.site_idle_in_use_time')}{{{f}}}[$__range])))",
+                    instant=True,
+                    table=True,
+                )
+            ],
             value_name="held idle",
         ),
         timeseries_panel(
@@ -124,11 +148,15 @@ def build() -> dict[str, Any]:
             "is cheap; one with few checkouts and long holds is the usual pool killer. A "
             "sudden multiplication points at a loop that opens a session per item.",
             "ops",
-            [Q(f"topk(10, sum by ({P}, {s.SITE}) "
-               f"(rate({s.m('sqlalchemy.pool.site_checkouts')}{{{f}}}{rate})))",
-               lbl(P, s.SITE))],
+            [
+                Q(
+                    f"topk(10, sum by ({P}, {s.SITE}) "
+                    f"(rate({s.m('sqlalchemy.pool.site_checkouts')}{{{f}}}{rate})))",
+                    lbl(P, s.SITE),
+                )
+            ],
         ),
-    )  # fmt: skip
+    )
 
     board.row("Connections shared between threads").add(
         timeseries_panel(
@@ -138,9 +166,13 @@ def build() -> dict[str, Any]:
             "heartbeat thread). Should be 0; fires PoolCrossThreadConnectionUse. Fix: give "
             "the thread a session factory (sessionmaker), not a session.",
             "ops",
-            [Q(f"sum by ({P}, {s.SITE}) "
-               f"(rate({s.m('sqlalchemy.pool.cross_thread_uses')}{{{f}}}{rate}))",
-               lbl(P, s.SITE))],
+            [
+                Q(
+                    f"sum by ({P}, {s.SITE}) "
+                    f"(rate({s.m('sqlalchemy.pool.cross_thread_uses')}{{{f}}}{rate}))",
+                    lbl(P, s.SITE),
+                )
+            ],
         ),
         timeseries_panel(
             "Concurrent uses by code site",
@@ -148,11 +180,15 @@ def build() -> dict[str, Any]:
             "same connection: two threads or tasks using one session at once. Should be 0; "
             "it corrupts transactions and results. Same fix as cross-thread use.",
             "ops",
-            [Q(f"sum by ({P}, {s.SITE}) "
-               f"(rate({s.m('sqlalchemy.pool.concurrent_uses')}{{{f}}}{rate}))",
-               lbl(P, s.SITE))],
+            [
+                Q(
+                    f"sum by ({P}, {s.SITE}) "
+                    f"(rate({s.m('sqlalchemy.pool.concurrent_uses')}{{{f}}}{rate}))",
+                    lbl(P, s.SITE),
+                )
+            ],
         ),
-    )  # fmt: skip
+    )
 
     wait_count = s.m("app.lock.wait_time") + "_count"
     wait_sum = s.m("app.lock.wait_time") + "_sum"
@@ -187,5 +223,5 @@ def build() -> dict[str, Any]:
             "short",
             [Q(f"sum by ({s.LOCK}) (rate({wait_sum}{{{locks}}}{rate}))", lbl(s.LOCK))],
         ),
-    )  # fmt: skip
+    )
     return board.to_dict()

@@ -144,8 +144,18 @@ def open_board(path: str) -> Board | None:
         with contextlib.suppress(OSError):  # (a volume without locks: readers are told)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             flags |= LOCKED
-        HEAD.pack_into(mm, 0, b"\0" * 8, VERSION, SLOTS, 0, os.getpid(),
-                       time.perf_counter(), time.time(), flags)  # fmt: skip
+        HEAD.pack_into(
+            mm,
+            0,
+            b"\0" * 8,
+            VERSION,
+            SLOTS,
+            0,
+            os.getpid(),
+            time.perf_counter(),
+            time.time(),
+            flags,
+        )
         mm[0:8] = MAGIC  # last: a reader sees a board only once its header is complete
         board = current[0] = Board(path, mm, fd)
         return board

@@ -23,9 +23,11 @@ from monitor.catalogue import LOCK_NAME, METRICS, POOL_NAME, SECONDS_BUCKETS, Me
 from monitor.exporters.samples import pool_samples
 
 _METER_NAME = "pool-monitor"
-_POOL_HISTOGRAMS = {"create_time": "db.client.connection.create_time",
-                    "wait_time": "db.client.connection.wait_time",
-                    "use_time": "db.client.connection.use_time"}  # fmt: skip
+_POOL_HISTOGRAMS = {
+    "create_time": "db.client.connection.create_time",
+    "wait_time": "db.client.connection.wait_time",
+    "use_time": "db.client.connection.use_time",
+}
 _LOCK_HISTOGRAMS = {"wait": "app.lock.wait_time", "hold": "app.lock.hold_time"}
 
 _lock = threading.Lock()
@@ -46,7 +48,8 @@ class OtelBridge:
         self.meter = provider.get_meter(_METER_NAME)
         self._histograms: dict[str, Any] = {}
         self._pool_queues: weakref.WeakKeyDictionary[Any, deque[tuple[str, float]]] = (
-            weakref.WeakKeyDictionary())
+            weakref.WeakKeyDictionary()
+        )
         self._lock_queue = locks.add_otel_queue()
         self._snapshots: tuple[float, list[dict[str, Any]]] = (0.0, [])
         for metric in METRICS:
@@ -60,15 +63,23 @@ class OtelBridge:
         meter = self.meter
         if metric.kind == "histogram":
             self._histograms[metric.name] = meter.create_histogram(
-                metric.name, unit=metric.unit, description=metric.description,
+                metric.name,
+                unit=metric.unit,
+                description=metric.description,
                 explicit_bucket_boundaries_advisory=list(SECONDS_BUCKETS),
-            )  # fmt: skip
+            )
             return
-        factory = {"counter": meter.create_observable_counter,
-                   "updowncounter": meter.create_observable_up_down_counter,
-                   "gauge": meter.create_observable_gauge}[metric.kind]  # fmt: skip
-        factory(metric.name, callbacks=[self._callback_for(metric)], unit=metric.unit,
-                description=metric.description)  # fmt: skip
+        factory = {
+            "counter": meter.create_observable_counter,
+            "updowncounter": meter.create_observable_up_down_counter,
+            "gauge": meter.create_observable_gauge,
+        }[metric.kind]
+        factory(
+            metric.name,
+            callbacks=[self._callback_for(metric)],
+            unit=metric.unit,
+            description=metric.description,
+        )
 
     def _callback_for(self, metric: Metric) -> Any:
         from opentelemetry.metrics import Observation

@@ -30,13 +30,17 @@ def _family(metric: Metric) -> PromMetric:
     labels = list(metric.prometheus_labels)
     unit = "seconds" if metric.unit == "s" else ""
     if metric.kind == "histogram":
-        return HistogramMetricFamily(metric.prometheus_name, metric.description, labels=labels,
-                                     unit=unit)  # fmt: skip
+        return HistogramMetricFamily(
+            metric.prometheus_name, metric.description, labels=labels, unit=unit
+        )
     if metric.kind == "counter":
-        return CounterMetricFamily(metric.prometheus_name.removesuffix("_total"),
-                                   metric.description, labels=labels, unit=unit)  # fmt: skip
-    return GaugeMetricFamily(metric.prometheus_name, metric.description, labels=labels,
-                             unit=unit)  # fmt: skip
+        return CounterMetricFamily(
+            metric.prometheus_name.removesuffix("_total"),
+            metric.description,
+            labels=labels,
+            unit=unit,
+        )
+    return GaugeMetricFamily(metric.prometheus_name, metric.description, labels=labels, unit=unit)
 
 
 def families(samples: Iterable[Sample]) -> list[PromMetric]:
@@ -58,8 +62,11 @@ def families(samples: Iterable[Sample]) -> list[PromMetric]:
 class MonitorCollector(Collector):
     """Collects every instrumented pool (and instrumented lock) of this process."""
 
-    def __init__(self, pools: Callable[[], Iterable[Mapping[str, Any]]],
-                 locks: Callable[[], Mapping[str, Mapping[str, Any]]]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pools: Callable[[], Iterable[Mapping[str, Any]]],
+        locks: Callable[[], Mapping[str, Mapping[str, Any]]],
+    ) -> None:
         self._pools = pools
         self._locks = locks
 
@@ -73,7 +80,8 @@ class MonitorCollector(Collector):
 
 # Weak: a registry that is gone must not leave its id "registered" for a new one.
 _registered: weakref.WeakKeyDictionary[CollectorRegistry, MonitorCollector] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 
 
 def _live_pool_snapshots() -> list[dict[str, Any]]:

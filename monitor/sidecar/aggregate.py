@@ -332,8 +332,9 @@ class Aggregator:
                 proc.live, proc.dead_since = False, now
             if not proc.live and now - (proc.dead_since or now) > self.retain_dead_s:
                 self._compact(proc, proc.name in seen)
-        dead = sorted((p for p in self.procs.values() if not p.live),
-                      key=lambda p: p.dead_since or 0.0)  # fmt: skip
+        dead = sorted(
+            (p for p in self.procs.values() if not p.live), key=lambda p: p.dead_since or 0.0
+        )
         for proc in dead[: max(0, len(dead) - MAX_DEAD)]:  # churn: fold the oldest early
             self._compact(proc, proc.name in seen)
         self._bound_retained()
@@ -598,12 +599,22 @@ def _board_holds(
         pool = by_serial.get(serial)
         if pool is None and serial in names:  # no live entry yet: a pool with no holds
             threshold = (names[serial].get("settings") or {}).get("long_held_threshold")
-            pool = by_serial[serial] = {"pool": names[serial]["pool"], "monitor_id": serial,
-                                        "long_held_threshold": threshold, "holds": []}  # fmt: skip
+            pool = by_serial[serial] = {
+                "pool": names[serial]["pool"],
+                "monitor_id": serial,
+                "long_held_threshold": threshold,
+                "holds": [],
+            }
             out.append(pool)
         if pool is not None:  # (a slot of an engine not in any document yet: next read)
-            pool["holds"].append({"started_at": start + view.wall_offset, "pending": True,
-                                  "board_slot": slot, "as_of": view.read_at})  # fmt: skip
+            pool["holds"].append(
+                {
+                    "started_at": start + view.wall_offset,
+                    "pending": True,
+                    "board_slot": slot,
+                    "as_of": view.read_at,
+                }
+            )
     return out
 
 

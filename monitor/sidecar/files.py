@@ -106,8 +106,10 @@ def read_board(path: str, read_at: float) -> BoardView:
         if magic != board.MAGIC:
             raise Rejected("invalid", "not a board (magic)")
         if version != board.VERSION:
-            raise Rejected("unknown_version", f"board version {version}, this sidecar "
-                           f"reads version {board.VERSION}")  # fmt: skip
+            raise Rejected(
+                "unknown_version",
+                f"board version {version}, this sidecar reads version {board.VERSION}",
+            )
         if slots != board.SLOTS or high > slots:
             raise Rejected("invalid", f"board says {high} of {slots} slots")
         if not (math.isfinite(mono) and math.isfinite(wall)):
@@ -231,9 +233,12 @@ def _keep_oldest_holds(pools: list[dict[str, Any]], limit: int) -> None:
     """Keep the process's `limit` oldest holds (the ones worth looking at), in place; each
     pool counts what it lost in `holds_dropped`."""
     ranked = sorted(
-        ((hold.get("started_at", -hold.get("age_s", 0.0)), i, j)
-         for i, pool in enumerate(pools) for j, hold in enumerate(pool.get("holds", []))),
-    )  # fmt: skip
+        (
+            (hold.get("started_at", -hold.get("age_s", 0.0)), i, j)
+            for i, pool in enumerate(pools)
+            for j, hold in enumerate(pool.get("holds", []))
+        ),
+    )
     kept = {(i, j) for _, i, j in ranked[:limit]}
     for i, pool in enumerate(pools):
         holds = pool.get("holds", [])

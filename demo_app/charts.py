@@ -6,7 +6,10 @@
 * `pool_wait.png`    – pool_isolation: how long callers waited for a connection on the pool
   that serves the API (`shared`, where jobs wait too, vs `api`).
 * `pool_usage.png`   – connections in use and callers waiting, per pool over the whole run,
-  with each variant's window shaded.
+  with each variant's window shaded and each pool's capacity dotted; where a fix shows more
+  waiting callers than its anti-pattern, a note says why (`findings.waiting_notes`).
+
+Times are in milliseconds throughout (bucket labels and legends), as on the dashboards.
 
 `matplotlib.figure.Figure` is used directly (never pyplot), so nothing needs a display or
 touches global backend state.
@@ -14,6 +17,7 @@ touches global backend state.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,11 +33,26 @@ COLORS = {"anti": "#d62728", "fix": "#2ca02c"}
 FIX_COLORS = ["#2ca02c", "#1f77b4", "#9467bd"]
 
 
+def ms(seconds: float) -> str:
+    """Milliseconds with sensible precision: 2,059 ms, 54.7 ms, 3.29 ms, 0.42 ms."""
+    value = seconds * 1000
+    if value >= 100:
+        return f"{value:,.0f} ms"
+    if value >= 10:
+        return f"{value:.1f} ms"
+    return f"{value:.2f} ms"
+
+
 def _bucket_labels(bounds: Sequence[float]) -> list[str]:
     def fmt(b: float) -> str:
-        return f"{b * 1000:g}ms" if b < 1 else f"{b:g}s"
+        return f"{b * 1000:,.10g}"
 
     return [f"≤{fmt(b)}" for b in bounds] + [f">{fmt(bounds[-1])}"]
+
+
+def distribution_label(variant: str, hist: Histogram) -> str:
+    """A legend entry: the variant, its number of observations and their mean, in ms."""
+    return f"{variant} (n={hist['count']:,}, mean {ms(hist['sum'] / hist['count'])})"
 
 
 def _histograms(figures: dict[str, Any]) -> dict[str, Histogram]:
@@ -46,7 +65,9 @@ def _histograms(figures: dict[str, Any]) -> dict[str, Histogram]:
     return out
 
 
-def _plot_distribution(ax: Any, title: str, histograms: dict[str, Histogram]) -> None:
+def _plot_distribution(
+    ax: Any, title: str, histograms: dict[str, Histogram], xlabel: str = "hold time"
+) -> None:
     variants = list(histograms)
     bounds = histograms[variants[0]]["bounds"]
     labels = _bucket_labels(bounds)
@@ -58,22 +79,22 @@ def _plot_distribution(ax: Any, title: str, histograms: dict[str, Histogram]) ->
         hist = histograms[variant]
         shares = [hist["counts"][i] / hist["count"] for i in idx]
         color = COLORS["anti"] if n == 0 else FIX_COLORS[(n - 1) % len(FIX_COLORS)]
-        mean = hist["sum"] / hist["count"]
         ax.bar(
             [x + n * width for x in range(len(idx))],
             shares,
             width=width,
             color=color,
-            label=f"{variant} (n={hist['count']}, mean {mean:.3g} s)",
+            label=distribution_label(variant, hist),
         )
     ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(len(idx))])
     ax.set_xticklabels([labels[i] for i in idx], rotation=45, ha="right", fontsize=8)
+    ax.set_xlabel(f"{xlabel}, ms (bucket upper bound)", fontsize=8)
     ax.set_ylabel("share of checkouts")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
 
 
-def hold_time_chart(scenarios: dict[str, dict[str, Any]], path: Path) -> Path:
+def hold_time_figure(scenarios: dict[str, dict[str, Any]]) -> Figure:
     """Hold-time distribution per scenario (anti-pattern in red, fixes in green/blue)."""
     panels = [
         (name, hists)
@@ -88,11 +109,15 @@ def hold_time_chart(scenarios: dict[str, dict[str, Any]], path: Path) -> Path:
     for ax, (name, hists) in zip(axes, panels, strict=False):
         _plot_distribution(ax, f"{name}: connection hold time (checkout → return)", hists)
     fig.suptitle("Connection hold time, anti-pattern vs fix (pool-monitor use_time)")
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def hold_time_chart(scenarios: dict[str, dict[str, Any]], path: Path) -> Path:
+    hold_time_figure(scenarios).savefig(path, dpi=110)
     return path
 
 
-def pool_wait_chart(figures: dict[str, Any], path: Path) -> Path:
+def pool_wait_figure(figures: dict[str, Any]) -> Figure:
     """pool_isolation: the API pool's wait-time distribution, shared vs split."""
     hists = {
         variant: f["monitor"][f["api_pool"]]["wait_time_histogram"]
@@ -106,12 +131,17 @@ def pool_wait_chart(figures: dict[str, Any], path: Path) -> Path:
     ax = fig.subplots()
     if hists:
         _plot_distribution(
-            ax, "pool_isolation: wait for a connection on the pool serving the API", hists
-        )
+            ax, "pool_isolation: wait for a connection on the pool serving the API", hists,
+            xlabel="wait time",
+        )  # fmt: skip
     else:
         ax.text(0.5, 0.5, "no wait-time data in this run", ha="center", va="center")
         ax.set_axis_off()
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def pool_wait_chart(figures: dict[str, Any], path: Path) -> Path:
+    pool_wait_figure(figures).savefig(path, dpi=110)
     return path
 
 
@@ -123,7 +153,32 @@ def _scenario_windows(spans: Sequence[Span]) -> list[tuple[str, list[Span]]]:
     return list(groups.items())
 
 
-def _plot_usage(ax: Any, title: str, points: Sequence[TimelinePoint], spans: list[Span]) -> None:
+def waiting_by_variant(
+    timeline: Sequence[TimelinePoint], spans: Sequence[Span]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """scenario → variant → peak and time-average of callers waiting for a connection
+    (summed over pools, all workers), from the sampled timeline inside the variant's span."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for span in spans:
+        if span.end is None or "/" not in span.label:
+            continue
+        scenario, variant = span.label.split("/", 1)
+        points = [p for p in timeline if span.start <= p.time <= span.end]
+        if not points:
+            continue
+        pending = [sum(g.get("pending", 0) for g in p.pools.values()) for p in points]
+        # Time-weighted: each sample holds until the next one (a step, as charted).
+        times = [p.time for p in points] + [span.end]
+        weights = [max(0.0, b - a) for a, b in itertools.pairwise(times)]
+        total = sum(weights)
+        mean = sum(w * n for w, n in zip(weights, pending, strict=True)) / total if total else 0.0
+        out.setdefault(scenario, {})[variant] = {"peak": float(max(pending)), "mean": mean}
+    return out
+
+
+def _plot_usage(
+    ax: Any, title: str, points: Sequence[TimelinePoint], spans: list[Span], note: str = ""
+) -> None:
     t0 = spans[0].start
     pools = sorted(
         {name for p in points for name, g in p.pools.items() if g["used"] or g["pending"]}
@@ -139,7 +194,8 @@ def _plot_usage(ax: Any, title: str, points: Sequence[TimelinePoint], spans: lis
                     label=f"{pool}: waiting")  # fmt: skip
         top = max((p.pools.get(pool, {}).get("max", 0) for p in points), default=0)
         if top:
-            ax.axhline(top, color=color, linestyle=":", linewidth=0.9)
+            ax.axhline(top, color=color, linestyle=":", linewidth=0.9,
+                       label=f"{pool}: capacity ({top:g})")  # fmt: skip
     for n, span in enumerate(spans):
         end = span.end if span.end is not None else points[-1].time
         ax.axvspan(span.start - t0, end - t0, color="grey", alpha=0.07 if n % 2 else 0.15)
@@ -150,17 +206,26 @@ def _plot_usage(ax: Any, title: str, points: Sequence[TimelinePoint], spans: lis
         )  # fmt: skip
     ax.set_title(title, fontsize=10, loc="left")
     ax.set_ylabel("connections / callers")
+    if note:  # beside the title, where it cannot hide a line
+        ax.set_title(f"note: {note}", fontsize=7.5, loc="right", style="italic",
+                     color="saddlebrown")  # fmt: skip
     if pools:
         ax.legend(fontsize=7, loc="center right")
 
 
-def pool_usage_chart(timeline: Sequence[TimelinePoint], spans: Sequence[Span], path: Path) -> Path:
+def pool_usage_figure(
+    timeline: Sequence[TimelinePoint],
+    spans: Sequence[Span],
+    notes: dict[str, str] | None = None,
+) -> Figure:
     """Per scenario: connections in use (solid) and callers waiting (dashed) per pool, all
-    workers summed, each variant's window shaded; dotted lines are the pools' max.
+    workers summed, each variant's window shaded; dotted lines are the pools' capacity (max
+    connections, all workers). `notes` (scenario → text) are drawn in the scenario's panel.
 
     Scenarios shorter than `MIN_WINDOW_S` (the thread-based ones take a second or two) are
     left out when longer ones ran: each worker is sampled a few times a second, too coarse
     for them."""
+    notes = notes or {}
     windows = []
     for name, group in _scenario_windows(spans):
         start, end = group[0].start, group[-1].end or group[-1].start
@@ -175,8 +240,17 @@ def pool_usage_chart(timeline: Sequence[TimelinePoint], spans: Sequence[Span], p
         axes[0].text(0.5, 0.5, "no samples", ha="center", va="center")
         axes[0].set_axis_off()
     for ax, (name, group, points, _) in zip(axes, windows, strict=False):
-        _plot_usage(ax, name, points, group)
+        _plot_usage(ax, name, points, group, notes.get(name, ""))
     axes[-1].set_xlabel("seconds since the scenario started")
     fig.suptitle("Pool usage during each scenario (all workers)")
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def pool_usage_chart(
+    timeline: Sequence[TimelinePoint],
+    spans: Sequence[Span],
+    path: Path,
+    notes: dict[str, str] | None = None,
+) -> Path:
+    pool_usage_figure(timeline, spans, notes).savefig(path, dpi=110)
     return path

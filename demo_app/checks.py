@@ -3,6 +3,12 @@
 Each check reads a scenario's figures from the report and says whether the seed's claim
 held in this run. The runner exits non-zero when one fails, so CI notices a demo that no
 longer demonstrates anything.
+
+Claims are stated on what each seed is about (pool timeouts, hold time, requests a pool
+can serve, lost or duplicated writes, charges), with a margin, and never on a wall-clock
+ratio that CPU contention can flip (throughput, latency percentiles): the quick demo must
+pass on a busy 2-core machine. Each check's docstring argues why it still fails if the fix
+were removed.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from demo_app.tables import _seconds
 
 Figures = dict[str, dict[str, Any]]
 
@@ -35,28 +43,93 @@ def _fmt(value: float | None, unit: str = "") -> str:
     return "n/a" if value is None else f"{value:.4g}{unit}"
 
 
+#: external_call: the share of the anti-pattern's mean hold time the fix must cut. The fix
+#: holds a connection for milliseconds, the anti-pattern for the whole external call
+#: (seconds): ≥ 99.5% in a quiet run, down to 98.5% on a 2-core machine saturated by four
+#: busy loops, where event-loop delays stretch the fix's holds to ~30 ms. 90% (200 ms)
+#: leaves a 6× margin and still means "no connection is held across the call" (that
+#: alone would be ≥ the latency, ~0% cut).
+HOLD_CUT = 0.90
+#: external_call: how many times what the pool could serve, were each request to hold a
+#: connection for the external call, the fix must complete.
+POOL_CAP_FACTOR = 2.0
+#: external_call: the largest share of the fix's requests that may time out waiting for a
+#: connection. Zero in a quiet run and with two busy loops on 2 cores; with four, the event
+#: loop is starved enough that a burst of 60 checkouts per worker (users synchronised by
+#: the 2 s call) sometimes queues past the 1 s `pool_timeout`: up to 3.5% of requests seen
+#: in 10 such runs. The anti-pattern times out on 80–93% of its requests, loaded or not.
+FIX_TIMEOUT_SHARE = 0.10
+
+
+def _refused(statuses: dict[str, int] | None) -> int:
+    """Requests the service refused for want of a connection: a pool timeout is a 503."""
+    return int((statuses or {}).get("503", 0))
+
+
+def _others(statuses: dict[str, int] | None) -> str:
+    """Failures that are not about the pool (transport errors, 5xx other than 503)."""
+    other = {k: n for k, n in (statuses or {}).items() if not k.startswith("2") and k != "503"}
+    if not other:
+        return ""
+    listed = ", ".join(f"{n} {k}" for k, n in sorted(other.items()))
+    return f"; other failures, not the pool's: {listed}"
+
+
 def _external_call(f: Figures) -> list[tuple[str, bool, str]]:
+    """Seed 002: a session held across a slow external call exhausts the pool.
+
+    Every claim is on the monitor's hold times and counts, not on a wall-clock ratio that
+    CPU contention can flip, and each fails if `three_stage` kept the session open across
+    the call (i.e. were the anti-pattern):
+
+    * hold time: the anti-pattern's holds last at least the external latency, so an
+      unfixed variant would cut ~0%, far from `HOLD_CUT`;
+    * requests served: N connections held for L seconds each serve at most N·T/L requests
+      in T seconds (physics, whatever the CPU); an unfixed variant stays under that cap,
+      the fix must complete `POOL_CAP_FACTOR`× more;
+    * timeouts: the anti-pattern's users (20× the connections) wait for connections held
+      2× longer than `pool_timeout`, so it *must* time out, on most of its requests; the
+      fix, which holds milliseconds, may time out (503) on fewer than `FIX_TIMEOUT_SHARE`
+      of its requests: an unfixed variant would show the anti's 80–93%. A transport error
+      between the load generator and the service on a saturated CPU is shown, not
+      counted: it says nothing about the pool.
+    """
     anti, fixed = f["anti"], f["three_stage"]
+
+    def refused_share(r: dict[str, Any]) -> float | None:
+        total = r["requests_ok"] + r["requests_failed"]
+        refused = max(r["pool_timeouts"], _refused(r.get("statuses")))
+        return refused / total if total else None
+
+    fixed_refused = refused_share(fixed)
     hold_ratio = _ratio(fixed["use_time_mean_s"], anti["use_time_mean_s"])
     cut = None if hold_ratio is None else 1 - hold_ratio
-    speedup = _ratio(fixed["throughput_rps"], anti["throughput_rps"])
+    cap = _ratio(fixed["pool_connections"] * fixed["duration_s"], fixed["external_latency_s"])
+    served = _ratio(fixed["requests_ok"], cap)
     return [
         (
-            "3-stage cuts mean hold time by ≥ 99%",
-            cut is not None and cut >= 0.99,
-            f"{_fmt(anti['use_time_mean_s'], ' s')} → {_fmt(fixed['use_time_mean_s'], ' s')}"
+            f"3-stage cuts mean hold time by ≥ {HOLD_CUT:.0%} (no connection held across "
+            "the external call)",
+            cut is not None and cut >= HOLD_CUT,
+            f"{_seconds(anti['use_time_mean_s'])} → {_seconds(fixed['use_time_mean_s'])}"
             f" ({_fmt(None if cut is None else cut * 100, '%')} less)",
         ),
         (
-            "3-stage serves ≥ 10× the throughput of anti",
-            speedup is not None and speedup >= 10,
-            f"{anti['throughput_rps']:.3g} → {fixed['throughput_rps']:.3g} req/s"
-            f" ({_fmt(speedup, '×')})",
+            f"3-stage serves ≥ {POOL_CAP_FACTOR:g}× what the pool could if each request held "
+            "a connection for the call",
+            served is not None and served >= POOL_CAP_FACTOR,
+            f"{fixed['requests_ok']} ok vs at most {_fmt(cap)} "
+            f"({fixed['pool_connections']} connections × {fixed['duration_s']:.3g} s / "
+            f"{fixed['external_latency_s']:g} s; anti: {anti['requests_ok']} ok)",
         ),
         (
-            "3-stage has zero failures",
-            fixed["requests_failed"] == 0,
-            f"{fixed['requests_failed']} failed",
+            f"3-stage: < {FIX_TIMEOUT_SHARE:.0%} of requests time out waiting for a connection",
+            fixed_refused is not None and fixed_refused < FIX_TIMEOUT_SHARE,
+            f"{fixed['pool_timeouts']:.0f} pool timeouts, {_refused(fixed.get('statuses'))} × "
+            f"503 of {fixed['requests_ok'] + fixed['requests_failed']} requests "
+            f"({_fmt(None if fixed_refused is None else fixed_refused * 100, '%')}; anti: "
+            f"{_fmt(None if refused_share(anti) is None else refused_share(anti) * 100, '%')})"
+            + _others(fixed.get("statuses")),
         ),
         (
             "anti exhausts the pool (pool timeouts)",
@@ -67,32 +140,54 @@ def _external_call(f: Figures) -> list[tuple[str, bool, str]]:
 
 
 def _pool_isolation(f: Figures) -> list[tuple[str, bool, str]]:
+    """Seed 002: long background jobs on the API's pool starve the API.
+
+    Stated on the API pool's checkout timeouts (the monitor) and the API requests refused
+    with 503 for want of a connection (the clients), never on latency percentiles: on a
+    saturated CPU the split variant's p99 grows with event-loop delays (1.49 s seen) while
+    the shared one's is capped by the 1 s `pool_timeout`, so p99 can flip without any
+    pool problem. Transport errors are shown, not counted, as for external_call.
+
+    Jobs arrive 1.25× faster than the shared pool can serve them and hold their connection
+    for the whole render (2× `pool_timeout`), so on one shared pool API reads *must* time
+    out; on split pools the API pool only serves millisecond reads, nothing holds its
+    connections anywhere near `pool_timeout`. Without the fix (split == shared), the
+    "split" API pool would be the one the jobs fill, and its timeouts would fail the
+    first claim.
+    """
     shared, split = f["shared"], f["split"]
-    p99_shared, p99_split = shared["api_latency_p99_s"], split["api_latency_p99_s"]
-    degraded = shared["api_requests_failed"] > 0 or (
-        p99_shared is not None and p99_split is not None and p99_shared >= 10 * p99_split
-    )
+
+    def seen(r: dict[str, Any]) -> str:
+        total = r["api_requests_ok"] + r["api_requests_failed"]
+        return (
+            f"{r['api_pool_timeouts']:.0f} timeouts on `{r['api_pool']}`, "
+            f"{_refused(r.get('api_statuses'))} × 503 of {total} API requests"
+            + _others(r.get("api_statuses"))
+        )
+
     return [
         (
-            "split pools: zero API failures",
-            split["api_requests_failed"] == 0,
-            f"{split['api_requests_failed']} failed of "
-            f"{split['api_requests_ok'] + split['api_requests_failed']}",
+            "split pools: zero API pool timeouts and no API request refused for want of a "
+            "connection",
+            split["api_pool_timeouts"] == 0 and _refused(split.get("api_statuses")) == 0,
+            seen(split),
         ),
         (
-            "split pools keep API p99 lower than the shared pool",
-            p99_split is not None and p99_shared is not None and p99_split < p99_shared,
-            f"p99 {_fmt(p99_shared, ' s')} shared vs {_fmt(p99_split, ' s')} split",
-        ),
-        (
-            "shared pool degrades the API (failures or ≥ 10× p99)",
-            degraded,
-            f"{shared['api_requests_failed']} failed, p99 {_fmt(p99_shared, ' s')}",
+            "shared pool: API reads time out behind the jobs (pool timeouts > 0)",
+            shared["api_pool_timeouts"] > 0,
+            seen(shared),
         ),
     ]
 
 
 def _lost_update(f: Figures) -> list[tuple[str, bool, str]]:
+    """Seed 003: two threads × 25 read-modify-write increments of one row.
+
+    Counts from the database. Each thread sleeps between its read and its write, so the
+    naive threads overlap whatever the CPU does (contention only widens the overlap), and
+    lose increments; without a lock a "fixed" variant is the naive one and ends below 50,
+    failing its "exactly 50".
+    """
     out = [
         (
             "naive read-modify-write loses updates",
@@ -113,6 +208,13 @@ def _lost_update(f: Figures) -> list[tuple[str, bool, str]]:
 
 
 def _shared_session(f: Figures) -> list[tuple[str, bool, str]]:
+    """Seed 000: a heartbeat thread sharing the worker thread's `Session`.
+
+    Counts from the monitor (handoffs, cross-thread turns, overlapping statements). The
+    heartbeat fires every 10 ms while the worker runs for ≥ 0.5 s, so a shared session's
+    connection changes threads in every run; with the fix undone the factory variant
+    would share too and show those counts, failing "none".
+    """
     shared, factory = f["shared"], f["factory"]
 
     def seen(r: dict[str, Any]) -> str:
@@ -139,6 +241,11 @@ def _shared_session(f: Figures) -> list[tuple[str, bool, str]]:
 
 
 def _duplicate_rows(f: Figures) -> list[tuple[str, bool, str]]:
+    """Seed 002 §1.1: `scalar_one_or_none()` over a non-unique `task_id`.
+
+    Counts: the database says which task ids are duplicated, so exactly how many lookups
+    must fail; no timing involved. Undo the fix and `safe` raises on the same lookups.
+    """
     unsafe, safe = f["unsafe"], f["safe"]
     return [
         (
@@ -152,6 +259,12 @@ def _duplicate_rows(f: Figures) -> list[tuple[str, bool, str]]:
 
 
 def _session_store(f: Figures) -> list[tuple[str, bool, str]]:
+    """Seed 001: an in-memory store with check-then-set from 8 threads.
+
+    Counts of stored vs written messages. Each write sleeps between its read and its
+    write, so unlocked writers to one session overlap and lose writes under any CPU
+    load; without the per-key lock the locked store is the unlocked one and loses them.
+    """
     return [
         (
             "the unlocked store loses writes",
@@ -167,6 +280,12 @@ def _session_store(f: Figures) -> list[tuple[str, bool, str]]:
 
 
 def _idempotent_payment(f: Figures) -> list[tuple[str, bool, str]]:
+    """Seed 002: payments retried concurrently, 3 attempts per key.
+
+    Charges counted by the database (and the gateway). Every naive attempt charges, so
+    charges = keys × attempts; undo the unique-key claim and the idempotent variant does
+    the same, failing "exactly once per key". No timing involved.
+    """
     naive, fixed = f["naive"], f["idempotent"]
     return [
         (

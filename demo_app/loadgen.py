@@ -20,6 +20,13 @@ import httpx
 from demo_app.clients import ensure_loopback
 
 Request = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
+
+#: Idle keep-alive connections are dropped by the client after this long: well before
+#: uvicorn closes them (`timeout_keep_alive`, 5 s). With both at 5 s (httpx's default) a
+#: request can go out on a connection the server is closing at that instant and fail with
+#: a transport error (`ReadError`), more often on a busy CPU: a failure of the load
+#: generator, not of the pool under test.
+KEEPALIVE_EXPIRY_S = 2.0
 Progress = Callable[[int, int], None]
 
 
@@ -76,7 +83,11 @@ def client(
     return httpx.AsyncClient(
         base_url=ensure_loopback(base_url),
         timeout=httpx.Timeout(timeout_s, connect=5.0),
-        limits=httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=keep),
+        limits=httpx.Limits(
+            max_connections=concurrency + 8,
+            max_keepalive_connections=keep,
+            keepalive_expiry=KEEPALIVE_EXPIRY_S,
+        ),
     )
 
 

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from demo_app import findings
 from demo_app.checks import Check
 from demo_app.scenarios import SCENARIOS
 from demo_app.tables import markdown_table
@@ -49,13 +50,27 @@ def render_markdown(report: dict[str, Any], checks: list[Check]) -> str:
     lines += [
         f"- {'✅' if c.passed else '❌'} **{c.scenario}**: {c.claim} — {c.detail}" for c in checks
     ]
+    lines += [
+        "",
+        "Each scenario below shows first what pool-monitor saw — from every worker's pool "
+        "snapshots over the variant's window, merged as the sidecar merges them, and from "
+        "the monitor's own log records (`monitor.long_held`, `monitor.misuse`, written by "
+        "the service to `logs/monitor-events.jsonl`) — then the app's own numbers (clients "
+        "and database).",
+    ]
+    threshold = report["settings"].get("long_held_threshold_s")
     for name, figures in report["scenarios"].items():
         info = SCENARIOS[name]
         lines += ["", f"## {name} (seed {info.seed})", "", info.summary, ""]
         if "error" in figures:
             lines.append(f"**Failed to run:** `{figures['error']}`")
             continue
-        lines.append(markdown_table(name, figures))
+        for section in findings.sections(figures, threshold):
+            lines += [findings.markdown_section(section), ""]
+        lines += ["**the app: requests, database, clients**", "", markdown_table(name, figures)]
+        note = report.get("notes", {}).get(name)
+        if note:
+            lines += ["", f"> **Note.** {note}"]
     lines += ["", "## Charts", ""]
     lines += [f"![{chart}]({chart})" for chart in report.get("charts", [])]
     return "\n".join(lines) + "\n"

@@ -286,6 +286,7 @@ async def session_store_run(request: Request) -> JSONResponse:
     variant = _variant(request, "session_store")
     data = await _json(request)
     before = lock_metrics.lock_histogram(session_store.LOCK_NAME)
+    held_before = lock_metrics.lock_histogram(session_store.LOCK_NAME, lock_metrics.HOLD)
     result = await run_in_threadpool(
         session_store.run_store_load,
         variant,
@@ -295,7 +296,9 @@ async def session_store_run(request: Request) -> JSONResponse:
         work_s=_number(data, "work_s", 0.001, 0.0, 0.1),
     )
     after = lock_metrics.lock_histogram(session_store.LOCK_NAME)
+    held_after = lock_metrics.lock_histogram(session_store.LOCK_NAME, lock_metrics.HOLD)
     waits = snapshots.histogram_delta(after, before)
+    holds = snapshots.histogram_delta(held_after, held_before)
     return JSONResponse(
         {
             **asdict(result),
@@ -303,6 +306,10 @@ async def session_store_run(request: Request) -> JSONResponse:
             "lock_waits": waits["count"] if waits else 0,
             "lock_wait_p99_s": snapshots.quantile(waits, 0.99),
             "lock_wait_mean_s": snapshots.mean(waits),
+            # The monitor's app.lock.wait_time / hold_time histograms over this run.
+            "lock_name": session_store.LOCK_NAME,
+            "lock_wait_histogram": waits,
+            "lock_hold_histogram": holds,
         }
     )
 

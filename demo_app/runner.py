@@ -3,8 +3,10 @@
 Starts PostgreSQL (embedded unless `DATABASE_URL` is set), recreates the demo tables,
 starts the fake external service, the demo service (two uvicorn workers) and the sidecar
 when it is installed; drives each scenario with the async load generator while sampling
-the pools; prints a side-by-side table; writes report.json, report.md and PNG charts; then
-keeps serving (unless `--no-serve`) so Prometheus and Grafana can look, until Ctrl-C.
+the pools; prints, per scenario, what pool-monitor saw (code sites by hold time, long-held
+alerts with the holder's stack, misuse, lock contention) next to the app's own numbers;
+writes report.json, report.md and PNG charts, and lists them last; then keeps serving
+(unless `--no-serve`) so Prometheus and Grafana can look, until Ctrl-C.
 
 Exit status: 0 when every claim held, 1 when one did not, 2 when the demo could not run.
 """
@@ -25,7 +27,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from demo_app import charts, drivers
+from demo_app import charts, drivers, events, findings
 from demo_app.checks import Check, evaluate
 from demo_app.embedded_pg import postgres_url
 from demo_app.plan import FULL, QUICK, Plan
@@ -99,7 +101,8 @@ class _RichTask:
 async def drive_all(
     stack: DemoStack, plan: Plan, names: list[str], console: Console
 ) -> tuple[dict[str, Any], MonitorSampler]:
-    """Play the scenarios in order, sampling the pools all along."""
+    """Play the scenarios in order, sampling the pools all along; each variant's figures
+    get the monitor's `findings` (its window's pool snapshots and log records)."""
     assert stack.settings is not None
     sampler = MonitorSampler(stack.service_url, stack.workers)
     if not await sampler.fresh(timeout_s=30):
@@ -138,6 +141,7 @@ async def drive_all(
         stop.set()
         await background
         await sampler.close()
+    findings.collect(results, ctx.windows, events.read(stack.events_path))
     return results, sampler
 
 
@@ -165,15 +169,24 @@ def _settings_summary(settings: DemoSettings) -> dict[str, Any]:
 
 def _write_outputs(
     report_dir: Path, report: dict[str, Any], sampler: MonitorSampler
-) -> list[Check]:
+) -> tuple[list[Check], list[Path]]:
     scenarios = report["scenarios"]
+    waiting = charts.waiting_by_variant(sampler.timeline, sampler.spans)
+    notes = findings.waiting_notes(scenarios, waiting)
+    report["waiting"] = waiting
+    report["notes"] = {name: note["text"] for name, note in notes.items()}
     made = [charts.hold_time_chart(scenarios, report_dir / "hold_times.png")]
     if "pool_isolation" in scenarios and "error" not in scenarios["pool_isolation"]:
         made.append(
             charts.pool_wait_chart(scenarios["pool_isolation"], report_dir / "pool_wait.png")
         )
     made.append(
-        charts.pool_usage_chart(sampler.timeline, sampler.spans, report_dir / "pool_usage.png")
+        charts.pool_usage_chart(
+            sampler.timeline,
+            sampler.spans,
+            report_dir / "pool_usage.png",
+            {name: note["short"] for name, note in notes.items()},
+        )
     )
     report["charts"] = [p.name for p in made]
     report["timeline"] = [
@@ -186,16 +199,44 @@ def _write_outputs(
     report["passed"] = all(c.passed for c in checks)
     write_json(report, report_dir / "report.json")
     write_markdown(report, checks, report_dir / "report.md")
-    return checks
+    return checks, made
+
+
+def print_scenario(
+    console: Console, name: str, figures: dict[str, Any], report: dict[str, Any]
+) -> None:
+    """One scenario: its description, what pool-monitor saw, then the app's own numbers."""
+    info = SCENARIOS[name]
+    console.print()
+    console.rule(style="dim")
+    console.print(f"[bold]{name}[/bold] (seed {info.seed}): {info.summary}")
+    if "error" in figures:
+        console.print(f"[red]failed to run:[/red] {figures['error']}")
+        return
+    threshold = report["settings"].get("long_held_threshold_s")
+    for section in findings.sections(figures, threshold):
+        console.print(findings.rich_section(section))
+    console.print(rich_table(name, figures, title="the app: requests, database, clients"))
+    note = report.get("notes", {}).get(name)
+    if note:
+        console.print(f"[italic]note:[/italic] {note}", style="yellow")
 
 
 def _print_summary(console: Console, report: dict[str, Any], checks: list[Check]) -> None:
     for name, figures in report["scenarios"].items():
-        if "error" not in figures:
-            console.print(rich_table(name, figures))
+        print_scenario(console, name, figures, report)
+    console.print()
     for c in checks:
         mark = "[green]✓[/green]" if c.passed else "[red]✗[/red]"
         console.print(f" {mark} {c.scenario}: {c.claim} — {c.detail}")
+
+
+def _print_files(console: Console, report_dir: Path, charts_made: list[Path]) -> None:
+    """The report files, then the charts: always the last line before serving or exiting."""
+    console.print(
+        f"report: {report_dir / 'report.md'}, {report_dir / 'report.json'}", soft_wrap=True
+    )
+    console.print(f"charts: {', '.join(str(p) for p in charts_made)}", soft_wrap=True)
 
 
 def _print_urls(console: Console, stack: DemoStack, report_dir: Path) -> None:
@@ -298,10 +339,11 @@ def _demo(
             "duration_s": time.monotonic() - started,
             "scenarios": results,
         }
-        checks = _write_outputs(report_dir, report, sampler)
+        checks, charts_made = _write_outputs(report_dir, report, sampler)
         _print_summary(console, report, checks)
-        console.print(f"report: {report_dir / 'report.md'}, {report_dir / 'report.json'}")
         if not args.no_serve:
             _print_urls(console, stack, report_dir)
+        _print_files(console, report_dir, charts_made)
+        if not args.no_serve:
             _serve_until_interrupted(stack, console)
     return checks

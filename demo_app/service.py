@@ -5,7 +5,9 @@
 Settings come from the environment (see `demo_app.settings`); the runner sets them. The
 app exposes every scenario's routes (`demo_app.routes`), `/metrics` (the monitor's
 Prometheus exposition of this process's pools) and `/demo/monitor` (the same as JSON,
-tagged with the worker's pid). Errors the scenarios are *meant* to produce map to the
+tagged with the worker's pid). With `DEMO_MONITOR_EVENTS` set (the runner sets it), the
+monitor's long-held and misuse records are also written there as JSON lines, with their
+structured fields (`demo_app.events`). Errors the scenarios are *meant* to produce map to the
 status codes a real service would return: a pool timeout is a 503, a failing external
 call a 502, the duplicate-row error a 500 that names `MultipleResultsFound`.
 """
@@ -13,6 +15,7 @@ call a 502, the duplicate-row error a 500 that names `MultipleResultsFound`.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -26,6 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount
 
 import monitor
+from demo_app import events
 from demo_app.routes import routes
 from demo_app.scenarios import session_store
 from demo_app.scenarios.idempotent_payment import PaymentRejected
@@ -66,11 +70,12 @@ def create_app(settings: DemoSettings | None = None) -> Starlette:
         # Create the session-store lock now, so its series are exported (at zero) from the
         # start: a burst that creates them already at their final values shows no rate.
         monitor.lock(session_store.LOCK_NAME)
-        app.state.demo = DemoState(resolved)
-        try:
-            yield
-        finally:
-            await app.state.demo.close()
+        with events.capture(os.environ.get(events.ENV_VAR)):
+            app.state.demo = DemoState(resolved)
+            try:
+                yield
+            finally:
+                await app.state.demo.close()
 
     return Starlette(
         routes=[*routes(), Mount("/metrics", app=monitor.metrics_app())],

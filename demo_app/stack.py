@@ -4,7 +4,9 @@
 points a real Prometheus at the service and the sidecar). It picks ports (preferred ones
 when free, so URLs are stable for a user's Prometheus, else any free port), starts each
 process with its own log file, waits for health, and stops them all by pid on exit.
-The service's workers write monitor snapshots to a temporary directory the sidecar reads.
+The service's workers write monitor snapshots to a temporary directory the sidecar reads,
+and the monitor's long-held and misuse log records, with their structured fields, to
+`<log_dir>/monitor-events.jsonl` (`events_path`; see `demo_app.events`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from types import TracebackType
 
 from sqlalchemy.engine import make_url
 
-from demo_app import servers
+from demo_app import events, servers
 from demo_app.settings import DemoSettings
 
 
@@ -54,6 +56,8 @@ class DemoStack:
         self.database_url = database_url
         self.latency_s = latency_s
         self.log_dir = log_dir
+        #: The monitor's log records from every worker, one JSON object a line.
+        self.events_path = (log_dir / "monitor-events.jsonl").resolve()
         self.workers = workers
         self._base_port = base_port
         self._start_sidecar = start_sidecar
@@ -104,6 +108,7 @@ class DemoStack:
             {
                 **self.settings.to_env(),
                 "POOL_MONITOR_SNAPSHOT_DIR": self.snapshot_dir,
+                events.ENV_VAR: str(self.events_path),
                 "PYTHONUNBUFFERED": "1",
             },
         )

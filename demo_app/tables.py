@@ -10,6 +10,8 @@ from typing import Any
 
 from rich.table import Table
 
+from demo_app.scenarios import SCENARIOS
+
 Row = tuple[str, str, Callable[[Any], str]]
 
 
@@ -101,9 +103,15 @@ def side_by_side(
     return ["", *variants], rows
 
 
-def rich_table(scenario: str, figures: dict[str, dict[str, Any]]) -> Table:
+def rich_table(
+    scenario: str, figures: dict[str, dict[str, Any]], title: str | None = None
+) -> Table:
+    """The side-by-side table, titled with the scenario's one-line description by default."""
     headers, rows = side_by_side(scenario, figures)
-    table = Table(title=scenario, title_justify="left")
+    if title is None:
+        info = SCENARIOS.get(scenario)
+        title = f"{scenario}: {info.summary}" if info else scenario
+    table = Table(title=title, title_justify="left")
     for i, header in enumerate(headers):
         table.add_column(header, justify="left" if i == 0 else "right")
     for row in rows:

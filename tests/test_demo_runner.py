@@ -6,20 +6,35 @@ Real processes: the fake external API and the demo service (two uvicorn workers)
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from demo_app import runner
-from demo_app.scenarios import SCENARIOS
+import demo_app
+from demo_app import clients, runner
+from demo_app.scenarios import SCENARIOS, external_call
 from demo_app.stack import sidecar_available
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def _site(function: Any, marker: str) -> str:
+    """`file:line:function` of the line of `function` that contains `marker`, as the
+    monitor names code sites and stack frames (paths relative to the project)."""
+    lines, first = inspect.getsourcelines(function)
+    (offset,) = [i for i, line in enumerate(lines) if marker in line]
+    path = Path(inspect.getfile(function)).relative_to(Path(demo_app.__file__).parent.parent)
+    return f"{path.as_posix()}:{first + offset}:{function.__name__}"
+
+
 def test_quick_run_writes_report_json_markdown_and_charts(
-    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", database_url)
     argv = ["--quick", "--no-serve", "--report-dir", str(tmp_path), "--base-port", "0"]
@@ -58,6 +73,32 @@ def test_quick_run_writes_report_json_markdown_and_charts(
     assert markdown.startswith("# pool-monitor demo report")
     assert "## lost_update (seed 003)" in markdown and "![hold_times.png]" in markdown
     assert (tmp_path / "logs" / "service.log").exists()
+
+    # What the monitor saw, first in each scenario: the shared session's misuse, by site.
+    misuse = sessions["shared"]["findings"]["misuse"]
+    assert misuse and sessions["factory"]["findings"]["misuse"] == []
+    assert all(m["use_site"].startswith("demo_app/scenarios/shared_session.py:") for m in misuse)
+    assert {m["kind"] for m in misuse} <= {"cross_thread", "concurrent"}
+    assert sum(m["uses"] or 0 for m in misuse) == (
+        sessions["shared"]["cross_thread_uses"] + sessions["shared"]["concurrent_uses"]
+    )
+    assert any(m.get("checkout_site") for m in misuse)  # from the monitor.misuse warning
+    sites = lost["naive"]["findings"]["sites"]
+    assert sites[0]["site"].endswith(":naive_increase_like") and sites[0]["checkouts"] == 50
+    assert 0 <= sites[0]["no_sql_share"] <= 1
+    section = markdown.split("## shared_session (seed 000)")[1]
+    assert section.index("**pool-monitor: misuse") < section.index("**the app: requests")
+    assert "| shared | cross-thread |" in section or "| shared | concurrent |" in section
+    assert (tmp_path / "logs" / "monitor-events.jsonl").exists()
+
+    # The terminal: each scenario under its description, the monitor's tables before the
+    # app's, and the PNG files on the last line.
+    out = capsys.readouterr().out
+    assert "lost_update (seed 003): read-modify-write from 2 threads" in out
+    shown = out.split("shared_session (seed 000): one Session shared")[1]
+    assert shown.index("pool-monitor: misuse") < shown.index("the app: requests, database")
+    last = out.strip().splitlines()[-1]
+    assert last == "charts: " + ", ".join(str(tmp_path / chart) for chart in report["charts"])
     if sidecar_available():  # issue 5's sidecar merges the two workers' snapshots
         assert report["sidecar"]["url"], report["sidecar"]["note"]
 
@@ -102,6 +143,28 @@ def test_pool_monitor_demo_quick_demonstrates_every_claim(
             assert keys <= set(figures), (scenario, keys - set(figures))
     assert report["charts"] == ["hold_times.png", "pool_wait.png", "pool_usage.png"]
     assert all((tmp_path / chart).read_bytes().startswith(PNG_MAGIC) for chart in report["charts"])
+
+    # The anti-pattern's long-held alert names its checkout site and, in the holder's
+    # stack, the external call it is waiting in; the fix raises none.
+    checkout = _site(external_call.anti_process_image, "await session.flush()")
+    in_scenario = _site(external_call.anti_process_image, "processor.process_image(url)")
+    in_client = _site(clients.ImageProcessorClient.process_image, "self._http.post(")
+    assert checkout.startswith("demo_app/scenarios/external_call.py:")
+    calls = report["scenarios"]["external_call"]
+    (alert,) = calls["anti"]["findings"]["long_held"]
+    assert alert["pool"] == "api" and alert["site"] == checkout
+    assert alert["stack"][-2:] == [in_scenario, in_client]
+    assert alert["alerts"] == calls["anti"]["findings"]["sites"][0]["long_held_alerts"] > 0
+    assert calls["anti"]["findings"]["sites"][0]["no_sql_share"] > 0.9
+    assert calls["three_stage"]["findings"]["long_held"] == []
+    markdown = (tmp_path / "report.md").read_text()
+    section = markdown.split("## external_call (seed 002)")[1].split("\n## ")[0]
+    assert f"`{checkout}`<br>→<br>" in section and f"`{in_scenario}`<br>`{in_client}` |" in section
+    assert "| three_stage | 0 | – | none |" in section
+    # seed 001: the locked store's lock contention, from app.lock.wait_time
+    (lock,) = report["scenarios"]["session_store"]["locked"]["findings"]["locks"]
+    assert lock["lock"] == "session-store" and lock["acquisitions"] >= 400
+    assert "**pool-monitor: lock contention**" in markdown
 
 
 def test_cli_rejects_unknown_scenarios_and_bad_latency() -> None:

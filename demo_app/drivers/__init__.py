@@ -42,6 +42,16 @@ ProgressFactory = Callable[[str, float | None], ProgressTask]
 
 
 @dataclass
+class Measured:
+    """A variant's window: the monitor's deltas per pool, and when it ran."""
+
+    pools: dict[str, snapshots.Snapshot]
+    started: float
+    ended: float
+    workers_fresh: bool
+
+
+@dataclass
 class DriveContext:
     """What every driver needs: where the service is, how hard to push, how to report."""
 
@@ -51,20 +61,13 @@ class DriveContext:
     plan: Plan
     sampler: MonitorSampler
     progress: ProgressFactory = field(default=lambda label, total: NullTask())
+    #: Every measured window so far, by label (`scenario/variant`): the runner turns them
+    #: into the monitor's findings for the report.
+    windows: dict[str, Measured] = field(default_factory=dict)
 
     @property
     def latency_s(self) -> float:
         return self.settings.external_latency_s
-
-
-@dataclass
-class Measured:
-    """A variant's window: the monitor's deltas per pool, and when it ran."""
-
-    pools: dict[str, snapshots.Snapshot]
-    started: float
-    ended: float
-    workers_fresh: bool
 
 
 async def measure(
@@ -79,7 +82,9 @@ async def measure(
     fresh_after = await ctx.sampler.fresh(after=span.end)
     after = ctx.sampler.merged()
     deltas = {p: snapshots.delta(after[p], before.get(p)) for p in pools if p in after}
-    return value, Measured(deltas, span.start, span.end, fresh_before and fresh_after)
+    measured = Measured(deltas, span.start, span.end, fresh_before and fresh_after)
+    ctx.windows[label] = measured
+    return value, measured
 
 
 def load_progress(task: ProgressTask, started: float) -> Callable[[int, int], None]:

@@ -59,6 +59,8 @@ async def _variant(
         "requests": load.requests,
         "errors": load.failed,
         "statuses": dict(load.statuses),
+        "users": plan.duplicate_users,
+        "duration_s": load.duration_s,
         "tasks": plan.duplicate_tasks,
         "duplicated_tasks": len(duplicated),
         "lookups_of_duplicated_tasks": sum(

@@ -47,6 +47,10 @@ async def _variant(ctx: DriveContext, variant: str) -> dict[str, Any]:
         "statuses": dict(load.statuses),
         "users": plan.external_users,
         "duration_s": load.duration_s,
+        "external_latency_s": ctx.latency_s,
+        # What the API pool can serve at most when each request holds a connection for the
+        # whole external call: connections (all workers) × duration / latency.
+        "pool_connections": ctx.sampler.workers * ctx.settings.api_pool.max_connections,
         "pool": "api",
         "monitor": api,
         "sites": site_figures(measured.pools["api"], variant),

@@ -18,6 +18,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The core module against SQLAlchemy 2.0.x (the default venv gets the newest 2.x).
@@ -42,6 +43,7 @@ compat-sa20: $(SA20_VENV)/.installed
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # Regenerate the committed dashboards/rules and the Helm chart's copies of them.
 dashboards: $(STAMP)

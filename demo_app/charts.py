@@ -131,9 +131,11 @@ def pool_wait_figure(figures: dict[str, Any]) -> Figure:
     ax = fig.subplots()
     if hists:
         _plot_distribution(
-            ax, "pool_isolation: wait for a connection on the pool serving the API", hists,
+            ax,
+            "pool_isolation: wait for a connection on the pool serving the API",
+            hists,
             xlabel="wait time",
-        )  # fmt: skip
+        )
     else:
         ax.text(0.5, 0.5, "no wait-time data in this run", ha="center", va="center")
         ax.set_axis_off()
@@ -190,25 +192,33 @@ def _plot_usage(
         pending = [p.pools.get(pool, {}).get("pending", 0) for p in points]
         ax.step(xs, used, where="post", color=color, label=f"{pool}: in use")
         if any(pending):
-            ax.step(xs, pending, where="post", color=color, linestyle="--",
-                    label=f"{pool}: waiting")  # fmt: skip
+            ax.step(
+                xs, pending, where="post", color=color, linestyle="--", label=f"{pool}: waiting"
+            )
         top = max((p.pools.get(pool, {}).get("max", 0) for p in points), default=0)
         if top:
-            ax.axhline(top, color=color, linestyle=":", linewidth=0.9,
-                       label=f"{pool}: capacity ({top:g})")  # fmt: skip
+            ax.axhline(
+                top, color=color, linestyle=":", linewidth=0.9, label=f"{pool}: capacity ({top:g})"
+            )
     for n, span in enumerate(spans):
         end = span.end if span.end is not None else points[-1].time
         ax.axvspan(span.start - t0, end - t0, color="grey", alpha=0.07 if n % 2 else 0.15)
         ax.annotate(
-            span.label.split("/", 1)[-1], xy=(span.start - t0, 1.0),
-            xycoords=("data", "axes fraction"), xytext=(3, -3), textcoords="offset points",
-            va="top", fontsize=8, color="dimgrey",
-        )  # fmt: skip
+            span.label.split("/", 1)[-1],
+            xy=(span.start - t0, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -3),
+            textcoords="offset points",
+            va="top",
+            fontsize=8,
+            color="dimgrey",
+        )
     ax.set_title(title, fontsize=10, loc="left")
     ax.set_ylabel("connections / callers")
     if note:  # beside the title, where it cannot hide a line
-        ax.set_title(f"note: {note}", fontsize=7.5, loc="right", style="italic",
-                     color="saddlebrown")  # fmt: skip
+        ax.set_title(
+            f"note: {note}", fontsize=7.5, loc="right", style="italic", color="saddlebrown"
+        )
     if pools:
         ax.legend(fontsize=7, loc="center right")
 

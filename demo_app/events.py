@@ -31,9 +31,21 @@ MISUSE = "monitor.misuse"
 
 #: The `extra` fields of the monitor's records (see monitor.watchdog and monitor.hooks).
 FIELDS = (
-    "pool", "age_s", "held_s", "site", "thread_name", "task_name", "backend_pid", "stack",
-    "misuse", "checkout_thread", "use_thread", "other_thread", "checkout_site", "use_site",
-)  # fmt: skip
+    "pool",
+    "age_s",
+    "held_s",
+    "site",
+    "thread_name",
+    "task_name",
+    "backend_pid",
+    "stack",
+    "misuse",
+    "checkout_thread",
+    "use_thread",
+    "other_thread",
+    "checkout_site",
+    "use_site",
+)
 
 
 class JsonLinesHandler(logging.Handler):

@@ -119,9 +119,14 @@ def long_held_alerts(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if r.get("level") == "WARNING" and "age_s" in r:
             group = groups.setdefault(
                 key,
-                {"pool": key[0], "site": key[1], "alerts": 0, "age_at_alert_max_s": 0.0,
-                 "workers": set()},
-            )  # fmt: skip
+                {
+                    "pool": key[0],
+                    "site": key[1],
+                    "alerts": 0,
+                    "age_at_alert_max_s": 0.0,
+                    "workers": set(),
+                },
+            )
             group["alerts"] += 1
             group["age_at_alert_max_s"] = max(group["age_at_alert_max_s"], float(r["age_s"]))
             group["workers"].add(r.get("pid"))
@@ -158,13 +163,19 @@ def misuse_rows(
             warned.setdefault(key, r)
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     for pool, snap in deltas.items():
-        for kind, counter in (("cross_thread", snapshots.CROSS_THREAD),
-                              ("concurrent", snapshots.CONCURRENT)):  # fmt: skip
+        for kind, counter in (
+            ("cross_thread", snapshots.CROSS_THREAD),
+            ("concurrent", snapshots.CONCURRENT),
+        ):
             per_site = snap.get("counters", {}).get(counter) or {}
             for site, n in per_site.items() if isinstance(per_site, Mapping) else ():
                 if n > 0:
-                    rows[(pool, kind, site)] = {"pool": pool, "kind": kind, "use_site": site,
-                                                "uses": int(n)}  # fmt: skip
+                    rows[(pool, kind, site)] = {
+                        "pool": pool,
+                        "kind": kind,
+                        "use_site": site,
+                        "uses": int(n),
+                    }
     for key, r in warned.items():
         row = rows.setdefault(
             key, {"pool": key[0], "kind": key[1], "use_site": key[2], "uses": None}
@@ -290,16 +301,25 @@ def _sites_section(found: list[tuple[str, dict[str, Any]]]) -> Section | None:
     section = Section(
         "pool-monitor: code sites by hold time"
         + ("" if several else f" (pool `{pools[0]}`, all workers)"),
-        ["variant", *(["pool"] if several else []), "code site", "checkouts", "held",
-         "mean", "no SQL", "long-held"],
+        [
+            "variant",
+            *(["pool"] if several else []),
+            "code site",
+            "checkouts",
+            "held",
+            "mean",
+            "no SQL",
+            "long-held",
+        ],
         note="held: checkout → return, per `code.site`; no SQL: the share of that time no "
         "statement ran; long-held: alerts raised. Each variant's window, top "
         f"{TOP_SITES} sites.",
-    )  # fmt: skip
+    )
     for variant, f in found:
         if not f["sites"]:
-            section.rows.append([variant, *(["–"] if several else []), "no checkout", "0"]
-                                + [""] * 4)  # fmt: skip
+            section.rows.append(
+                [variant, *(["–"] if several else []), "no checkout", "0"] + [""] * 4
+            )
         for row in f["sites"][:TOP_SITES]:
             section.rows.append(
                 [
@@ -327,11 +347,16 @@ def _long_held_section(
     several = len(_pools(found)) > 1
     section = Section(
         f"pool-monitor: long-held alerts{over}",
-        ["variant", *(["pool"] if several else []), "alerts", "held up to",
-         "checked out at → the holder was at, when alerted (innermost frame last)"],
+        [
+            "variant",
+            *(["pool"] if several else []),
+            "alerts",
+            "held up to",
+            "checked out at → the holder was at, when alerted (innermost frame last)",
+        ],
         note="From the `monitor.long_held` warnings (logger extra fields `site`, `stack`), "
         "grouped by checkout site; the stack shown is the most frequent one.",
-    )  # fmt: skip
+    )
     for variant, f in found:
         if not f["long_held"]:
             section.rows.append([variant, *(["–"] if several else []), "0", "–", "none"])
@@ -357,12 +382,18 @@ def _misuse_section(found: list[tuple[str, dict[str, Any]]]) -> Section | None:
     several = len(_pools(found)) > 1
     section = Section(
         "pool-monitor: misuse (one connection used by two threads)",
-        ["variant", *(["pool"] if several else []), "kind", "uses",
-         "checked out at → used at", "threads"],
+        [
+            "variant",
+            *(["pool"] if several else []),
+            "kind",
+            "uses",
+            "checked out at → used at",
+            "threads",
+        ],
         note="`sqlalchemy.pool.cross_thread_uses` (threads taking turns) and "
         "`concurrent_uses` (overlapping statements), by the site that used the connection; "
         "checkout site and threads from the `monitor.misuse` warning.",
-    )  # fmt: skip
+    )
     for variant, f in found:
         if not f["misuse"]:
             section.rows.append([variant, *(["–"] if several else []), "none", "0", "", ""])
@@ -374,11 +405,14 @@ def _misuse_section(found: list[tuple[str, dict[str, Any]]]) -> Section | None:
                     *([row["pool"]] if several else []),
                     row["kind"].replace("_", "-"),
                     _num(row["uses"]),
-                    [Code(checkout) if checkout else "(not warned in this window)", "→",
-                     Code(row["use_site"])],
+                    [
+                        Code(checkout) if checkout else "(not warned in this window)",
+                        "→",
+                        Code(row["use_site"]),
+                    ],
                     ", ".join(row.get("threads") or []) or "–",
                 ]
-            )  # fmt: skip
+            )
     return section
 
 
@@ -387,11 +421,10 @@ def _lock_section(found: list[tuple[str, dict[str, Any]]]) -> Section | None:
         return None
     section = Section(
         "pool-monitor: lock contention",
-        ["variant", "lock", "acquisitions", "waited > 1 ms", "wait mean", "wait p99",
-         "hold p99"],
+        ["variant", "lock", "acquisitions", "waited > 1 ms", "wait mean", "wait p99", "hold p99"],
         note="`app.lock.wait_time` / `app.lock.hold_time` histograms of `monitor.lock`, "
         "over each variant's run.",
-    )  # fmt: skip
+    )
     for variant, f in found:
         if not f["locks"]:
             section.rows.append([variant, "no monitor.lock: nothing to time", *[""] * 5])
@@ -426,9 +459,20 @@ def sections(figures: dict[str, Any], threshold_s: float | None = None) -> list[
 
 #: Right-aligned columns.
 _NUMERIC = {
-    "checkouts", "held", "mean", "no SQL", "long-held", "alerts", "held up to", "uses",
-    "acquisitions", "waited > 1 ms", "wait mean", "wait p99", "hold p99",
-}  # fmt: skip
+    "checkouts",
+    "held",
+    "mean",
+    "no SQL",
+    "long-held",
+    "alerts",
+    "held up to",
+    "uses",
+    "acquisitions",
+    "waited > 1 ms",
+    "wait mean",
+    "wait p99",
+    "hold p99",
+}
 
 
 def _rich_line(line: Line) -> str:

@@ -40,8 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     from demo_app.embedded_pg import as_psycopg_url
 
     parser = argparse.ArgumentParser(prog="python -m demo_app.schema", description=main.__doc__)
-    parser.add_argument("--wait", type=float, default=0.0,
-                        help="seconds to keep retrying while PostgreSQL is not ready")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        help="seconds to keep retrying while PostgreSQL is not ready",
+    )
     parser.add_argument("--reset", action="store_true", help="drop the demo tables first")
     args = parser.parse_args(argv)
     url = os.environ.get("DATABASE_URL")

@@ -68,20 +68,35 @@ def monitor_log(tmp_path: Path) -> Path:
         long_held = logging.getLogger(events.LONG_HELD)
         for age in (1.02, 1.09):
             long_held.warning(
-                "pool 'api': connection held for %.3f s", age,
-                extra={"pool": "api", "age_s": age, "site": ANTI_SITE, "stack": STACK,
-                       "thread_name": "MainThread", "task_name": "Task-8", "backend_pid": 7},
-            )  # fmt: skip
+                "pool 'api': connection held for %.3f s",
+                age,
+                extra={
+                    "pool": "api",
+                    "age_s": age,
+                    "site": ANTI_SITE,
+                    "stack": STACK,
+                    "thread_name": "MainThread",
+                    "task_name": "Task-8",
+                    "backend_pid": 7,
+                },
+            )
         long_held.info(
-            "pool 'api': long-held connection from %s returned", ANTI_SITE,
+            "pool 'api': long-held connection from %s returned",
+            ANTI_SITE,
             extra={"pool": "api", "site": ANTI_SITE, "held_s": 2.049},
-        )  # fmt: skip
+        )
         logging.getLogger(events.MISUSE).warning(
             "pool 'worker': connection used by two threads",
-            extra={"pool": "worker", "misuse": "cross_thread", "checkout_thread": "'w'",
-                   "use_thread": "'w'", "other_thread": "'heartbeat'",
-                   "checkout_site": "s.py:1:shared_run", "use_site": "s.py:2:shared_run"},
-        )  # fmt: skip
+            extra={
+                "pool": "worker",
+                "misuse": "cross_thread",
+                "checkout_thread": "'w'",
+                "use_thread": "'w'",
+                "other_thread": "'heartbeat'",
+                "checkout_site": "s.py:1:shared_run",
+                "use_site": "s.py:2:shared_run",
+            },
+        )
     return path
 
 
@@ -106,14 +121,21 @@ def _external_call_results(monitor_log: Path) -> dict[str, Any]:
     t0 = records[0]["time"] - 1
     windows = {
         "external_call/anti": Measured(
-            {"api": _delta({ANTI_SITE: (36, 72.5, 72.4)}, timeouts=461,
-                           **{findings.LONG_HELD_EVENTS: {ANTI_SITE: 36}})},
-            t0, records[-1]["time"], True,
+            {
+                "api": _delta(
+                    {ANTI_SITE: (36, 72.5, 72.4)},
+                    timeouts=461,
+                    **{findings.LONG_HELD_EVENTS: {ANTI_SITE: 36}},
+                )
+            },
+            t0,
+            records[-1]["time"],
+            True,
         ),
         "external_call/three_stage": Measured(
             {"api": _delta({FIX_SITE: (589, 1.96, 1.2)})}, t0 + 100, t0 + 110, True
         ),
-    }  # fmt: skip
+    }
     results: dict[str, Any] = {"external_call": {"anti": {}, "three_stage": {}}}
     findings.collect(results, windows, records)
     return results
@@ -126,18 +148,30 @@ def test_findings_name_sites_share_without_sql_and_the_long_held_stack(
     anti = results["external_call"]["anti"]["findings"]
     assert anti["sites"] == [
         {
-            "pool": "api", "site": ANTI_SITE, "checkouts": 36, "hold_s": 72.5,
-            "mean_hold_s": pytest.approx(72.5 / 36), "no_sql_share": pytest.approx(72.4 / 72.5),
-            "long_held_alerts": 36, "cross_thread_uses": 0, "concurrent_uses": 0,
+            "pool": "api",
+            "site": ANTI_SITE,
+            "checkouts": 36,
+            "hold_s": 72.5,
+            "mean_hold_s": pytest.approx(72.5 / 36),
+            "no_sql_share": pytest.approx(72.4 / 72.5),
+            "long_held_alerts": 36,
+            "cross_thread_uses": 0,
+            "concurrent_uses": 0,
         }
-    ]  # fmt: skip
+    ]
     assert anti["long_held"] == [
         {
-            "pool": "api", "site": ANTI_SITE, "alerts": 2, "age_at_alert_max_s": 1.09,
-            "workers": 1, "held_max_s": 2.049, "stack": STACK, "stack_share": 1.0,
+            "pool": "api",
+            "site": ANTI_SITE,
+            "alerts": 2,
+            "age_at_alert_max_s": 1.09,
+            "workers": 1,
+            "held_max_s": 2.049,
+            "stack": STACK,
+            "stack_share": 1.0,
             "other_stacks": 0,
         }
-    ]  # fmt: skip
+    ]
     assert anti["pools"]["api"]["timeouts"] == 461
     fixed = results["external_call"]["three_stage"]["findings"]
     assert fixed["long_held"] == [] and fixed["long_held_alerts"] == 0
@@ -147,10 +181,13 @@ def test_findings_name_sites_share_without_sql_and_the_long_held_stack(
 def test_report_markdown_and_json_show_the_monitor_first(monitor_log: Path, tmp_path: Path) -> None:
     results = _external_call_results(monitor_log)
     doc = {
-        "plan": "quick", "workers": 2, "duration_s": 60.0, "scenarios": results,
+        "plan": "quick",
+        "workers": 2,
+        "duration_s": 60.0,
+        "scenarios": results,
         "settings": {"external_latency_s": 2.0, "long_held_threshold_s": 1.0, "pools": []},
         "notes": {"external_call": "a note"},
-    }  # fmt: skip
+    }
     markdown = report.render_markdown(doc, [])
     section = markdown.split("## external_call (seed 002)")[1]
     assert section.index("pool-monitor: code sites") < section.index("the app: requests")
@@ -180,8 +217,14 @@ def test_terminal_shows_description_monitor_tables_then_the_apps(monitor_log: Pa
     runner.print_scenario(console, "external_call", results["external_call"], doc)
     text = console.export_text()
     assert "external_call (seed 002): session held across a slow external call vs the " in text
-    order = [text.index(s) for s in ("code sites by hold time", "long-held alerts (held over 1 s)",
-                                     "the app: requests")]  # fmt: skip
+    order = [
+        text.index(s)
+        for s in (
+            "code sites by hold time",
+            "long-held alerts (held over 1 s)",
+            "the app: requests",
+        )
+    ]
     assert order == sorted(order)
     for line in [ANTI_SITE, *STACK]:
         assert line in text  # whole, not folded, in 120 columns
@@ -197,23 +240,34 @@ def test_misuse_joins_counters_with_the_warning_and_locks_come_from_histograms(
     )
     found = findings.variant_findings({"worker": worker}, records, {})
     assert found["misuse"] == [
-        {"pool": "worker", "kind": "cross_thread", "use_site": "s.py:2:shared_run", "uses": 5,
-         "checkout_site": "s.py:1:shared_run", "threads": ["'w'", "'heartbeat'"],
-         "warning": "pool 'worker': connection used by two threads"},
+        {
+            "pool": "worker",
+            "kind": "cross_thread",
+            "use_site": "s.py:2:shared_run",
+            "uses": 5,
+            "checkout_site": "s.py:1:shared_run",
+            "threads": ["'w'", "'heartbeat'"],
+            "warning": "pool 'worker': connection used by two threads",
+        },
         {"pool": "worker", "kind": "concurrent", "use_site": "s.py:3:shared_run", "uses": 2},
-    ]  # fmt: skip
+    ]
     waits = {"bounds": BOUNDS, "counts": [100, 60, 40, 0, 0, 0], "sum": 0.8, "count": 200}
     locked = findings.variant_findings(
-        {}, [], {"lock_name": "session-store", "lock_wait_histogram": waits,
-                 "lock_hold_histogram": waits},
-    )  # fmt: skip
+        {},
+        [],
+        {"lock_name": "session-store", "lock_wait_histogram": waits, "lock_hold_histogram": waits},
+    )
     assert locked["locks"][0]["acquisitions"] == 200
     assert locked["locks"][0]["waited_over_1ms_share"] == pytest.approx(0.5)
     markdown = "\n".join(
         findings.markdown_section(s)
-        for s in findings.sections({"unlocked": {"findings": findings.variant_findings(
-            {}, [], {})}, "locked": {"findings": locked}})
-    )  # fmt: skip
+        for s in findings.sections(
+            {
+                "unlocked": {"findings": findings.variant_findings({}, [], {})},
+                "locked": {"findings": locked},
+            }
+        )
+    )
     assert "| unlocked | no monitor.lock: nothing to time |" in markdown
     assert "| locked | `session-store` | 200 | 50% | 4.0 ms |" in markdown
 
@@ -264,14 +318,17 @@ def test_milliseconds_have_sensible_precision(seconds: float, text: str) -> None
 
 def _timeline() -> tuple[list[TimelinePoint], list[Span]]:
     """idempotent_payment: the fix has more callers waiting than the anti-pattern."""
-    spans = [Span("idempotent_payment/naive", 0.0, 5.95),
-             Span("idempotent_payment/idempotent", 6.0, 12.0)]  # fmt: skip
+    spans = [
+        Span("idempotent_payment/naive", 0.0, 5.95),
+        Span("idempotent_payment/idempotent", 6.0, 12.0),
+    ]
     points = []
     for i in range(120):
         t = i * 0.1
         waiting = 5 if t < 6 else 30
-        points.append(TimelinePoint(t, {"api": {"used": 6, "idle": 0, "max": 6,
-                                                "pending": waiting}}))  # fmt: skip
+        points.append(
+            TimelinePoint(t, {"api": {"used": 6, "idle": 0, "max": 6, "pending": waiting}})
+        )
     return points, spans
 
 
@@ -294,10 +351,15 @@ def test_a_fix_with_more_waiting_callers_gets_an_explanation() -> None:
     scenarios = {
         "idempotent_payment": {
             "naive": {"requests": 60, "keys": 20, "charges": 60, "monitor": {"checkouts": 140}},
-            "idempotent": {"requests": 389, "keys": 20, "charges": 20, "conflicts_409": 329,
-                           "monitor": {"checkouts": 798}},
+            "idempotent": {
+                "requests": 389,
+                "keys": 20,
+                "charges": 20,
+                "conflicts_409": 329,
+                "monitor": {"checkouts": 798},
+            },
         }
-    }  # fmt: skip
+    }
     notes = findings.waiting_notes(scenarios, waiting)
     text = notes["idempotent_payment"]["text"]
     assert "`idempotent` peak 30" in text and "`naive` peak 5" in text
@@ -312,4 +374,4 @@ def test_a_fix_with_more_waiting_callers_gets_an_explanation() -> None:
             "idempotent": waiting["idempotent_payment"]["naive"],
         }
     }
-    assert findings.waiting_notes(scenarios, flipped) == {}  # fmt: skip
+    assert findings.waiting_notes(scenarios, flipped) == {}

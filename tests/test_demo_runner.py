@@ -124,18 +124,25 @@ def test_pool_monitor_demo_quick_demonstrates_every_claim(
     assert {c["scenario"] for c in report["checks"]} == set(SCENARIOS)
     shape = {
         "external_call": {
-            "requests_ok", "requests_failed", "pool_timeouts", "use_time_mean_s",
-            "use_time_p99_s", "throughput_rps",
+            "requests_ok",
+            "requests_failed",
+            "pool_timeouts",
+            "use_time_mean_s",
+            "use_time_p99_s",
+            "throughput_rps",
         },
         "pool_isolation": {
-            "api_requests_ok", "api_requests_failed", "api_latency_p99_s", "api_wait_time_p99_s",
+            "api_requests_ok",
+            "api_requests_failed",
+            "api_latency_p99_s",
+            "api_wait_time_p99_s",
         },
         "lost_update": {"expected", "actual", "retries", "lock_wait_max_s"},
         "shared_session": {"cross_thread_uses", "errors"},
         "duplicate_rows": {"requests", "errors"},
         "session_store": {"writes", "lost_writes", "lock_wait_p99_s"},
         "idempotent_payment": {"requests", "keys", "charges"},
-    }  # fmt: skip
+    }
     for scenario, keys in shape.items():
         variants = report["scenarios"][scenario]
         assert tuple(variants) == SCENARIOS[scenario].variants

@@ -147,20 +147,38 @@ async def test_closed_loop_counts_transport_errors() -> None:
 FIGURES = {
     "external_call": {
         v: {
-            "requests_ok": ok, "requests_failed": failed, "pool_timeouts": failed,
-            "use_time_mean_s": hold, "use_time_p99_s": hold * 2, "throughput_rps": ok / 12,
-            "pool_connections": 6, "duration_s": 12.0, "external_latency_s": 2.0,
+            "requests_ok": ok,
+            "requests_failed": failed,
+            "pool_timeouts": failed,
+            "use_time_mean_s": hold,
+            "use_time_p99_s": hold * 2,
+            "throughput_rps": ok / 12,
+            "pool_connections": 6,
+            "duration_s": 12.0,
+            "external_latency_s": 2.0,
             "statuses": {"200": ok, **({"503": failed} if failed else {})},
         }
         for v, ok, failed, hold in (("anti", 36, 400, 2.0), ("three_stage", 600, 0, 0.01))
     },
     "pool_isolation": {
-        "shared": {"api_requests_ok": 300, "api_requests_failed": 90, "api_pool": "shared",
-                   "api_pool_timeouts": 90, "api_latency_p99_s": 1.0,
-                   "api_wait_time_p99_s": 1.0, "api_statuses": {"200": 300, "503": 90}},
-        "split": {"api_requests_ok": 2000, "api_requests_failed": 0, "api_pool": "api",
-                  "api_pool_timeouts": 0, "api_latency_p99_s": 0.05,
-                  "api_wait_time_p99_s": 0.01, "api_statuses": {"200": 2000}},
+        "shared": {
+            "api_requests_ok": 300,
+            "api_requests_failed": 90,
+            "api_pool": "shared",
+            "api_pool_timeouts": 90,
+            "api_latency_p99_s": 1.0,
+            "api_wait_time_p99_s": 1.0,
+            "api_statuses": {"200": 300, "503": 90},
+        },
+        "split": {
+            "api_requests_ok": 2000,
+            "api_requests_failed": 0,
+            "api_pool": "api",
+            "api_pool_timeouts": 0,
+            "api_latency_p99_s": 0.05,
+            "api_wait_time_p99_s": 0.01,
+            "api_statuses": {"200": 2000},
+        },
     },
     "lost_update": {
         v: {"expected": 50, "actual": a, "retries": r, "lock_wait_max_s": 0.01}
@@ -182,7 +200,7 @@ FIGURES = {
         "naive": {"requests": 60, "keys": 20, "charges": 60, "max_charges_per_key": 3},
         "idempotent": {"requests": 300, "keys": 20, "charges": 20, "max_charges_per_key": 1},
     },
-}  # fmt: skip
+}
 
 
 def test_every_claim_holds_on_figures_shaped_like_the_issue() -> None:
@@ -243,9 +261,12 @@ def test_claims_hold_on_a_saturated_machines_figures() -> None:
     busy = copy.deepcopy(FIGURES)
     busy["external_call"]["anti"]["use_time_mean_s"] = 2.03
     busy["external_call"]["three_stage"].update(
-        use_time_mean_s=0.0307, requests_ok=497, requests_failed=18, pool_timeouts=18,
+        use_time_mean_s=0.0307,
+        requests_ok=497,
+        requests_failed=18,
+        pool_timeouts=18,
         statuses={"200": 497, "503": 18},
-    )  # fmt: skip
+    )
     busy["pool_isolation"]["split"]["api_latency_p99_s"] = 1.49
     busy["pool_isolation"]["shared"]["api_latency_p99_s"] = 1.05
     assert [c for c in checks.evaluate(busy) if not c.passed] == []

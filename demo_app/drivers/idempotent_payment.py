@@ -60,9 +60,13 @@ async def _pay_until_done(http: httpx.AsyncClient, variant: str, key: str, count
 
 
 async def _retried_key(
-    http: httpx.AsyncClient, variant: str, key: str, retries: int, counts: _Counts,
+    http: httpx.AsyncClient,
+    variant: str,
+    key: str,
+    retries: int,
+    counts: _Counts,
     task: ProgressTask,
-) -> list[int]:  # fmt: skip
+) -> list[int]:
     """The first attempt and its retries, all in flight at once."""
     statuses = await asyncio.gather(
         *(_pay_until_done(http, variant, key, counts) for _ in range(retries))

@@ -96,7 +96,6 @@ def pessimistic_increase_like(
 ) -> None:
     """✅ `SELECT … FOR UPDATE`: the row stays locked from read to commit."""
     with factory() as session:
-
         # A named function, not a lambda: the checkout's code site is this function's
         # line, and the dashboards tell variants apart by `pessimistic_*` sites.
         def pessimistic_read_for_update() -> Post | None:

@@ -13,6 +13,14 @@ import httpx
 
 from demo_app.external import CLIENT_KEY_HEADER
 
+#: Every demo client drops an idle keep-alive connection after this long: well before
+#: uvicorn closes it (`timeout_keep_alive`, 5 s). With both at 5 s (httpx's default) a
+#: request can go out on a connection the server is closing at that instant and fail with
+#: a transport error (`ReadError`), more often on a busy CPU: a failure of the demo's
+#: plumbing, not of the pool under test (seen once as a payment whose gateway call failed,
+#: so its key was never charged).
+KEEPALIVE_EXPIRY_S = 2.0
+
 
 def ensure_loopback(url: str) -> str:
     """Refuse any URL whose host is not loopback: the demo never generates load elsewhere."""
@@ -31,7 +39,11 @@ def external_http_client(latency_s: float) -> httpx.AsyncClient:
     """One shared client per service process: enough connections for every request in flight."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(latency_s * 5 + 10.0, connect=5.0),
-        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        limits=httpx.Limits(
+            max_connections=1000,
+            max_keepalive_connections=200,
+            keepalive_expiry=KEEPALIVE_EXPIRY_S,
+        ),
     )
 
 

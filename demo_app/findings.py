@@ -586,8 +586,10 @@ def _duplicate_rows_note(f: dict[str, Figures], fix: str) -> str:
     return (
         f"Nothing in `{fix}` waits on purpose: no lock, no constraint. The same "
         f"{_num(safe.get('users'))} closed-loop users send the same lookups to the same small "
-        "pool (more users than connections), so some queue in both variants, and the queue "
-        f"stays short: pool wait p99 {_wait(safe)} vs {_wait(unsafe)} for `unsafe`, mean "
+        "pool (more users than connections), so some queue in both variants; both start "
+        "their users at once, so each opens with a burst of them waiting, which a 10 Hz "
+        "sample may or may not catch. The queue stays short: pool wait p99 "
+        f"{_wait(safe)} vs {_wait(unsafe)} for `unsafe`, mean "
         f"hold {_hold(safe)} vs {_hold(unsafe)}, "
         f"{_num((safe.get('monitor') or {}).get('timeouts'))} pool timeouts. `{fix}` orders "
         "the task's rows (`ORDER BY created_at DESC LIMIT 1`, a sort of one or two rows) and "

@@ -17,16 +17,9 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from demo_app.clients import ensure_loopback
+from demo_app.clients import KEEPALIVE_EXPIRY_S, ensure_loopback
 
 Request = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
-
-#: Idle keep-alive connections are dropped by the client after this long: well before
-#: uvicorn closes them (`timeout_keep_alive`, 5 s). With both at 5 s (httpx's default) a
-#: request can go out on a connection the server is closing at that instant and fail with
-#: a transport error (`ReadError`), more often on a busy CPU: a failure of the load
-#: generator, not of the pool under test.
-KEEPALIVE_EXPIRY_S = 2.0
 Progress = Callable[[int, int], None]
 
 

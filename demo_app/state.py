@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from demo_app.clients import ImageProcessorClient, PaymentGatewayClient
+from demo_app.clients import KEEPALIVE_EXPIRY_S, ImageProcessorClient, PaymentGatewayClient
 from demo_app.db import Database
 from demo_app.settings import DemoSettings
 
@@ -66,7 +66,11 @@ class DemoState:
         self.db = Database(settings)
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.external_latency_s * 5 + 10.0, connect=5.0),
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+            limits=httpx.Limits(
+                max_connections=1000,
+                max_keepalive_connections=200,
+                keepalive_expiry=KEEPALIVE_EXPIRY_S,
+            ),
         )
         self.processor = ImageProcessorClient(self.http, settings.external_url)
         self.gateway = PaymentGatewayClient(self.http, settings.external_url)

@@ -35,13 +35,16 @@ def panels(model: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     return _panels(list(model.get("panels") or []))
 
 
-def dashboard_expressions(models: Mapping[str, Mapping[str, Any]]) -> list[Expression]:
-    """Every panel target's `expr`, as written (Grafana variables not substituted)."""
+def dashboard_expressions(
+    models: Mapping[str, Mapping[str, Any]], *, exemplars_only: bool = False
+) -> list[Expression]:
+    """Every panel target's `expr`, as written (Grafana variables not substituted); with
+    `exemplars_only`, those of targets that ask for exemplars (`"exemplar": true`)."""
     found = []
     for name, model in models.items():
         for panel in panels(model):
             for target in panel.get("targets") or []:
-                if "expr" in target:
+                if "expr" in target and (target.get("exemplar") or not exemplars_only):
                     source = f"{name}: {panel.get('title')!r} ({target.get('refId')})"
                     found.append(Expression(source, target["expr"]))
     return found

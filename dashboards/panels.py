@@ -32,13 +32,22 @@ Steps = Sequence[tuple[float | None, str]]
 
 @dataclass(frozen=True)
 class Q:
-    """One Prometheus query of a panel."""
+    """One Prometheus query of a panel. `exemplar` also asks Prometheus for the exemplars
+    of the series the query selects; Grafana draws them as dots linked to their trace (the
+    data source's `exemplarTraceIdDestinations`). Prometheus keeps exemplars only on
+    scraped series, never on what a recording rule records: a query for dots must read the
+    raw `_bucket` series."""
 
     expr: str
     legend: str = ""
     instant: bool = False
     table: bool = False
     heatmap: bool = False
+    exemplar: bool = False
+
+    def __post_init__(self) -> None:
+        if self.exemplar and (self.instant or self.table):
+            raise ValueError(f"exemplars need a range query, not {self.expr!r}")
 
     def build(self, ref: str) -> pb.Dataquery:
         query = (
@@ -58,6 +67,8 @@ class Q:
             query.format(pm.PromQueryFormat.TABLE)
         elif self.heatmap:
             query.format(pm.PromQueryFormat.HEATMAP)
+        if self.exemplar:
+            query.exemplar(True)
         return query
 
 

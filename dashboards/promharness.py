@@ -145,6 +145,13 @@ class Prometheus:
             raise PrometheusError(f"{expr!r} returned {len(result)} series: {result}")
         return float(result[0]["value"][1])
 
+    def exemplars(self, expr: str, start: float, end: float) -> list[dict[str, Any]]:
+        """`/api/v1/query_exemplars`: the exemplars of every series `expr` selects between
+        `start` and `end` (unix times), as Grafana asks for a query with exemplars on; one
+        entry per series (`seriesLabels`, `exemplars`). Needs `exemplar-storage`."""
+        params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}"}
+        return list(self._get("/api/v1/query_exemplars", params)["data"] or [])
+
     def alerts(self) -> list[dict[str, Any]]:
         """Active alerts (pending and firing) with labels, annotations and state."""
         return list(self._get("/api/v1/alerts")["data"]["alerts"])
@@ -235,14 +242,17 @@ def running_prometheus(
     severity: Mapping[str, str] | None = None,
     disabled: Iterable[str] = (),
     rule_files: Mapping[str, str] | None = None,
+    features: Iterable[str] = (),
     binary: str | None = None,
     startup_timeout: float = 30,
 ) -> Iterator[Prometheus]:
     """Start `prometheus` scraping `targets` with our rules, yield a client, clean up.
 
     The rules are `render_rules(thresholds, for_, severity, disabled)` unless
-    `rule_files` ({file name: YAML text}) is given. The data directory is temporary.
+    `rule_files` ({file name: YAML text}) is given. `features` are passed as
+    `--enable-feature=...` (e.g. `exemplar-storage`). The data directory is temporary.
     """
+    feature_args = [f"--enable-feature={name}" for name in features]
     binary = binary or shutil.which("prometheus")
     if not binary:
         raise PrometheusError(missing_binary_reason("prometheus"))
@@ -266,6 +276,7 @@ def running_prometheus(
                         f"--storage.tsdb.path={root / 'data'}",
                         f"--web.listen-address=127.0.0.1:{port}",
                         "--log.level=warn",
+                        *feature_args,
                     ],
                     stdout=log,
                     stderr=subprocess.STDOUT,

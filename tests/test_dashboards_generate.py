@@ -19,6 +19,7 @@ from dashboards import build_dashboards
 from dashboards.__main__ import main as cli_main
 from dashboards.__main__ import stale_files
 from dashboards.inventory import dashboard_expressions, panels, rule_expressions, variable_queries
+from dashboards.panels import Q
 from dashboards.promql import label_values_metric, metric_names, substitute
 from dashboards.ruleset import recording_names, render_rules
 from dashboards.series import PG_SERIES, SIDECAR_SCAN_AGE, SNAPSHOT_ERRORS, allowed_metric_names
@@ -28,6 +29,15 @@ from monitor.catalogue import METRICS
 
 PKG = Path(dashboards.__file__).resolve().parent
 ALLOWED = allowed_metric_names(recording_names())
+POOL_FILTER = (
+    'namespace=~"$namespace", job=~"$job", service=~"$service", '
+    'db_client_connection_pool_name=~"$pool"'
+)
+#: The histograms whose observations carry exemplars (trace_id, span_id).
+EXEMPLAR_BUCKETS = {
+    "db_client_connection_use_time_seconds_bucket",
+    "db_client_connection_wait_time_seconds_bucket",
+}
 
 
 @pytest.fixture(scope="module")
@@ -184,11 +194,73 @@ def test_overview_has_the_panels_the_issue_asks_for(models: dict[str, dict[str, 
     ]
     heat = next(p for p in panels(models["pool-overview.json"]) if p["type"] == "heatmap")
     assert heat["targets"][0]["format"] == "heatmap"
+    assert heat["targets"][0]["exemplar"] is True
     assert heat["targets"][0]["expr"] == (
-        "sum by (le) (pool:db_client_connection_wait_time_seconds_bucket:rate5m{"
-        'namespace=~"$namespace", job=~"$job", service=~"$service", '
-        'db_client_connection_pool_name=~"$pool"})'
+        f"sum by (le) (rate(db_client_connection_wait_time_seconds_bucket{{{POOL_FILTER}}}"
+        "[$__rate_interval]))"
     )
+
+
+def _target(model: dict[str, Any], title: str, ref: str) -> dict[str, Any]:
+    panel = next(p for p in panels(model) if p.get("title") == title)
+    return next(t for t in panel["targets"] if t["refId"] == ref)
+
+
+def test_exemplars_on_exactly_the_raw_hold_and_wait_histogram_queries(
+    models: dict[str, dict[str, Any]],
+) -> None:
+    """Grafana draws exemplar dots for targets with `exemplar: true`. Prometheus keeps
+    exemplars only with scraped series, so a target asks for them exactly when it reads the
+    raw hold- or wait-time buckets (never recording rules, counters or gauges), and always
+    as a range query (Grafana asks no exemplars for an instant one)."""
+    with_exemplars = set()
+    for name, model in models.items():
+        for panel in panels(model):
+            for target in panel.get("targets") or []:
+                where = (name, panel["title"], target["refId"])
+                reads_raw = bool(metric_names(target["expr"]) & EXEMPLAR_BUCKETS)
+                assert target.get("exemplar", False) is reads_raw, where
+                if reads_raw:
+                    assert metric_names(target["expr"]) <= EXEMPLAR_BUCKETS, where
+                    assert target["range"] is True and target["instant"] is False, where
+                    with_exemplars.add(where)
+    assert with_exemplars == {
+        ("pool-overview.json", "Wait time p50 / p95 / p99", "B"),
+        ("pool-overview.json", "Wait-time distribution", "A"),
+        ("pool-overview.json", "Hold (use) time p50 / p99", "B"),
+        ("demo-anti-pattern-vs-fix.json", "Wait time p95 by pool", "A"),
+        ("demo-anti-pattern-vs-fix.json", "Wait time p95 by pool", "B"),
+    }
+    overview = models["pool-overview.json"]
+    for title, metric in (
+        ("Hold (use) time p50 / p99", "db_client_connection_use_time_seconds"),
+        ("Wait time p50 / p95 / p99", "db_client_connection_wait_time_seconds"),
+    ):
+        # The quantile lines stay on the recording rule (the alert's numbers), no exemplars.
+        assert "exemplar" not in _target(overview, title, "A"), title
+        assert _target(overview, title, "B") == {
+            "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            "editorMode": "code",
+            "exemplar": True,
+            "expr": (
+                "histogram_quantile(0.99, sum by (db_client_connection_pool_name, le) "
+                f"(rate({metric}_bucket{{{POOL_FILTER}}}[$__rate_interval])))"
+            ),
+            "instant": False,
+            "legendFormat": "{{db_client_connection_pool_name}} p99 (short window)",
+            "range": True,
+            "refId": "B",
+        }, title
+    for title in ("Checkouts per second", "Checkout timeouts", "Connect time p50 / p99"):
+        assert "exemplar" not in _target(overview, title, "A"), title
+
+
+def test_exemplars_need_a_range_query() -> None:
+    with pytest.raises(ValueError, match="exemplars need a range query"):
+        Q("x_bucket", instant=True, exemplar=True)
+    with pytest.raises(ValueError, match="exemplars need a range query"):
+        Q("x_bucket", instant=True, table=True, exemplar=True)
+    assert Q("x_bucket", exemplar=True).build("A").build().exemplar is True
 
 
 def test_threshold_lines_match_the_alert_defaults(models: dict[str, dict[str, Any]]) -> None:
@@ -475,6 +547,16 @@ def test_provisioning_files_load_the_generated_dashboards(
     assert source["type"] == "prometheus" and source["access"] == "proxy"
     assert source["url"] == "${POOL_MONITOR_PROMETHEUS_URL}"
     assert source["isDefault"] is False
+    # The exemplar dots' trace_id links to a Tempo data source and/or a trace URL, both
+    # from Grafana's environment (expanded once, so a URL may hold ${__value.raw} as is).
+    assert source["jsonData"]["exemplarTraceIdDestinations"] == [
+        {
+            "name": "trace_id",
+            "datasourceUid": "${POOL_MONITOR_TRACE_DATASOURCE_UID}",
+            "url": "${POOL_MONITOR_TRACE_LINK_URL}",
+            "urlDisplayLabel": "Open trace",
+        }
+    ]
     providers = yaml.safe_load((PKG / "provisioning/dashboards/pool-monitor.yml").read_text())
     [provider] = providers["providers"]
     assert provider["type"] == "file"

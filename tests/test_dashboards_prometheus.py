@@ -9,7 +9,10 @@ exists. The end-to-end test against the demo reuses `dashboards.promharness`.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +30,8 @@ from dashboards.promharness import (
     running_prometheus,
 )
 from dashboards.promql import substitute
-from dashboards.ruleset import render_rules
+from dashboards.ruleset import USE, WAIT, bucket_rate_name, quantile_name, render_rules
+from dashboards.series import bucket
 from monitor.catalogue import METRICS, SECONDS_BUCKETS
 
 POOLS = {"api": (10, 0, 10), "background": (2, 3, 10), "shared": (4, 1, 5)}  # used, idle, max
@@ -79,9 +83,12 @@ EXPECTED_FIRING = {
 
 class FakeExporter:
     """A registry with every catalogue metric, the pg_* series and the snapshot-error
-    counter; a thread keeps counters and histograms moving so rates are non-zero."""
+    counter; a thread keeps counters and histograms moving so rates are non-zero. The hold-
+    and wait-time observations carry exemplars (`trace_id`, `span_id`), as pool-monitor's
+    do under a sampled trace; prometheus_client serves them when asked for OpenMetrics."""
 
     def __init__(self) -> None:
+        self._ids = itertools.count(1)
         self.registry = CollectorRegistry()
         r = self.registry
         self.m: dict[str, Any] = {}
@@ -139,14 +146,18 @@ class FakeExporter:
     def gauge(self, name: str, *labels: str) -> Any:
         return self.m[name].labels(*labels)
 
+    def trace(self) -> dict[str, str]:
+        n = next(self._ids)
+        return {"trace_id": f"{n:032x}", "span_id": f"{n:016x}"}
+
     def tick(self) -> None:
         m = self.m
         for pool in POOLS:
             m["sqlalchemy_pool_checkouts_total"].labels(pool).inc()
             m["db_client_connection_wait_time_seconds"].labels(pool).observe(
-                0.2 if pool == "api" else 0.0004
+                0.2 if pool == "api" else 0.0004, self.trace()
             )
-            m["db_client_connection_use_time_seconds"].labels(pool).observe(0.05)
+            m["db_client_connection_use_time_seconds"].labels(pool).observe(0.05, self.trace())
             m["db_client_connection_create_time_seconds"].labels(pool).observe(0.01)
             m["sqlalchemy_pool_invalidations_total"].labels(pool, "hard").inc()
             m["sqlalchemy_pool_invalidations_total"].labels(pool, "soft").inc()
@@ -207,6 +218,7 @@ def env() -> Iterator[Env]:
             [ScrapeTarget("fake", exporter.address, {"namespace": "shop", "service": "orders"})],
             thresholds=THRESHOLDS,
             for_=SHORT_FOR,
+            features=("exemplar-storage",),
             binary=binary,
         ) as prom,
     ):
@@ -328,3 +340,37 @@ def test_every_dashboard_query_parses_and_returns_data(env: Env) -> None:
         prom.wait_for(probe, "every dashboard query to return data", timeout=30, interval=0.5)
     assert errors == {}
     assert pending == {}, "queries that returned no data"
+
+
+def test_exemplar_queries_bring_trace_ids_and_recording_rules_none(env: Env) -> None:
+    """What Grafana asks for the dots: each dashboard query with exemplars on, through
+    `/api/v1/query_exemplars`, brings the exporter's exemplars, labelled exactly `trace_id`
+    and `span_id`, from the raw hold- and wait-time buckets. The recording rules' series,
+    which the other lines of those panels read, bring none: Prometheus keeps exemplars only
+    with scraped series, hence the queries of the raw buckets."""
+    queries = {
+        e.source: substitute(e.expr)
+        for e in dashboard_expressions(build_dashboards(), exemplars_only=True)
+    }
+    assert len(queries) == 5
+    prom = env.prom
+
+    def fetched() -> dict[str, list[dict[str, Any]]] | None:
+        now = time.time()
+        found = {source: prom.exemplars(expr, now - 60, now) for source, expr in queries.items()}
+        return found if all(found.values()) else None
+
+    found = prom.wait_for(fetched, "exemplars for every query with exemplars on", timeout=20)
+    raw = {bucket(WAIT), bucket(USE)}
+    for source, series_list in found.items():
+        for series in series_list:
+            assert series["seriesLabels"]["__name__"] in raw, source
+            for exemplar in series["exemplars"]:
+                labels = exemplar["labels"]
+                assert set(labels) == {"trace_id", "span_id"}, (source, labels)
+                assert re.fullmatch("[0-9a-f]{32}", labels["trace_id"]), labels
+                assert re.fullmatch("[0-9a-f]{16}", labels["span_id"]), labels
+    now = time.time()
+    for recorded in (quantile_name(WAIT), quantile_name(USE), bucket_rate_name(WAIT)):
+        assert prom.wait_for_data(recorded), recorded
+        assert prom.exemplars(recorded, now - 60, now) == [], recorded

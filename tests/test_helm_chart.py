@@ -55,7 +55,11 @@ EVERYTHING: dict[str, Any] = {
         "podAnnotations": {"example.com/owner": "db-team"},
         "nodeSelector": {"kubernetes.io/os": "linux"},
     },
-    "sidecar": {"showQueryText": True, "extraArgs": ["--scan-interval=2"]},
+    "sidecar": {
+        "showQueryText": True,
+        "extraArgs": ["--scan-interval=2"],
+        "traceUrlTemplate": "https://tempo.example/trace/{trace_id}",
+    },
     "imagePullSecrets": [{"name": "regcred"}],
 }
 
@@ -365,6 +369,27 @@ def test_api_token_secret_and_insecure_mode() -> None:
     assert "api-token" not in " ".join(o["metadata"]["name"] for o in objects)
 
 
+def test_sidecar_trace_url_template_becomes_its_environment_variable() -> None:
+    assert "env" not in container(one(render(), "Deployment", "demo"), "pool-monitor")
+    template = "https://tempo.example/trace/{trace_id}"
+    demo = one(render({"sidecar": {"traceUrlTemplate": template}}), "Deployment", "demo")
+    assert container(demo, "pool-monitor")["env"] == [
+        {"name": "POOL_MONITOR_TRACE_URL_TEMPLATE", "value": template}
+    ]
+    assert "POOL_MONITOR_TRACE_URL_TEMPLATE" not in str(container(demo, "demo"))
+    extra = {"name": "LOG_FORMAT", "value": "json"}
+    values = {"sidecar": {"traceUrlTemplate": template, "extraEnv": [extra]}}
+    sidecar = container(one(render(values), "Deployment", "demo"), "pool-monitor")
+    assert sidecar["env"] == [
+        {"name": "POOL_MONITOR_TRACE_URL_TEMPLATE", "value": template},
+        extra,
+    ]
+    sidecar = container(
+        one(render({"sidecar": {"extraEnv": [extra]}}), "Deployment"), "pool-monitor"
+    )
+    assert sidecar["env"] == [extra]
+
+
 def test_sidecar_without_postgres() -> None:
     objects = render({"sidecar": {"postgres": {"enabled": False}}})
     demo = one(objects, "Deployment", "demo")
@@ -397,6 +422,10 @@ def test_podmonitor_selects_the_sidecar_pods_with_extra_labels() -> None:
     assert endpoint["relabelings"][0]["targetLabel"] == "service"
     assert endpoint["metricRelabelings"] == EVERYTHING["podMonitor"]["metricRelabelings"]
     assert "namespaceSelector" not in pod_monitor["spec"]
+    # Exemplars travel only in OpenMetrics: the scrape keeps Prometheus' own protocol
+    # negotiation, which asks for OpenMetrics first.
+    assert "scrapeProtocols" not in pod_monitor["spec"]
+    assert "scrapeProtocols" not in endpoint
 
 
 def test_podmonitor_in_the_monitoring_namespace_looks_back() -> None:
@@ -570,6 +599,11 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("no size limit", {"snapshots": {"sizeLimit": ""}}, "/snapshots/sizeLimit"),
     ("relative mount", {"snapshots": {"mountPath": "run/pm"}}, "/snapshots/mountPath"),
     ("port out of range", {"sidecar": {"port": 70000}}, "/sidecar/port"),
+    (
+        "trace URL without {trace_id}",
+        {"sidecar": {"traceUrlTemplate": "https://tempo.example/trace/"}},
+        "/sidecar/traceUrlTemplate",
+    ),
     ("too many workers", {"demo": {"workers": 0}}, "/demo/workers"),
     ("pull policy", {"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ("numeric label", {"podMonitor": {"labels": {"release": 1}}}, "/podMonitor/labels/release"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from grafana_foundation_sdk.builders import dashboard as db
 
 from dashboards import series as s
-from dashboards.panels import datasource_variable, query_variable
+from dashboards.panels import Q, datasource_variable, query_variable
 
 #: Shown next to each dashboard's title in the dashboard list, and used for the links bar.
 TAGS = ("pool-monitor",)
@@ -87,3 +87,18 @@ def target_variables(anchor: str) -> list[db.QueryVariable | db.DatasourceVariab
 def lbl(*labels: str) -> str:
     """A Grafana legend naming series by labels: `lbl("a", "b")` -> `{{a}} {{b}}`."""
     return " ".join("{{" + label + "}}" for label in labels)
+
+
+def exemplar_quantile(otel_name: str, quantile: str, matchers: str, legend: str) -> Q:
+    """The `quantile` of a pool histogram per pool, straight from its `_bucket` series over
+    `$__rate_interval`, with exemplars on: Grafana draws each exemplar as a dot (one traced
+    checkout: its value and time) whose `trace_id` links to the trace.
+
+    Why not the recording rules the other lines read: Prometheus stores exemplars only with
+    scraped series, so `pool:..._bucket:rate5m` and `...:quantile_rate5m` carry none."""
+    return Q(
+        f"histogram_quantile({quantile}, sum by ({s.POOL}, le) "
+        f"(rate({s.bucket(otel_name)}{{{matchers}}}[$__rate_interval])))",
+        legend,
+        exemplar=True,
+    )

@@ -16,7 +16,7 @@ from typing import Any
 
 from dashboards import ruleset as r
 from dashboards import series as s
-from dashboards.boards.common import TAGS, lbl, target_filter, target_variables
+from dashboards.boards.common import TAGS, exemplar_quantile, lbl, target_filter, target_variables
 from dashboards.panels import BLUE, GREEN, RED, Board, Q, timeseries_panel
 
 UID = "pool-monitor-demo"
@@ -232,14 +232,12 @@ def _pool_isolation_panels(sc: Scenario) -> list[Any]:
     return [
         timeseries_panel(
             "Wait time p95 by pool",
-            f"95th percentile wait for a connection, per pool. {sc.story}",
+            f"95th percentile wait for a connection, per pool. Dots are exemplars: traced "
+            f"checkouts, each linking to its trace. {sc.story}",
             "s",
             [
-                Q(
-                    f'{r.quantile_name(r.WAIT)}{{{anti}, quantile="0.95"}}',
-                    _legend("anti-pattern", pool),
-                ),
-                Q(f'{r.quantile_name(r.WAIT)}{{{fix}, quantile="0.95"}}', _legend("fix", pool)),
+                exemplar_quantile(r.WAIT, "0.95", anti, _legend("anti-pattern", pool)),
+                exemplar_quantile(r.WAIT, "0.95", fix, _legend("fix", pool)),
             ],
             w=8,
             colors=colors,

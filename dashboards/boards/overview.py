@@ -9,7 +9,14 @@ from typing import Any
 
 from dashboards import ruleset as r
 from dashboards import series as s
-from dashboards.boards.common import TAGS, lbl, pool_filter, pool_variables, target_filter
+from dashboards.boards.common import (
+    TAGS,
+    exemplar_quantile,
+    lbl,
+    pool_filter,
+    pool_variables,
+    target_filter,
+)
 from dashboards.panels import (
     GREEN,
     ORANGE,
@@ -31,6 +38,13 @@ def build() -> dict[str, Any]:
     saturation_limit = THRESHOLD_BY_NAME["pool_saturation_ratio"].default
     wait_limit = THRESHOLD_BY_NAME["wait_time_p95_seconds"].default
     rate = "[$__rate_interval]"
+    dots = (
+        "Dots are exemplars: a recent traced checkout per histogram bucket, at its own "
+        "duration; hover for its trace_id, click it to open the trace. They come with the "
+        "'p99 (short window)' line, the p99 over Grafana's rate interval read from the raw "
+        "histogram (recording rules keep no exemplars)."
+    )
+    short_p99 = f"{lbl(P)} p99 (short window)"
     board = Board(
         UID,
         "Pool monitor / Pool overview",
@@ -155,18 +169,27 @@ def build() -> dict[str, Any]:
             "How long pool.connect() took, from asking the pool to getting a connection "
             "(includes opening a new one and pre-ping), per service over 5 minutes. A healthy "
             "pool answers in well under a millisecond. The dashed line is the "
-            "PoolWaitTimeP95High threshold.",
+            f"PoolWaitTimeP95High threshold. {dots}",
             "s",
-            [Q(f"{r.quantile_name(r.WAIT)}{{{f}}}", f"{lbl(P)} p{lbl('quantile')}")],
+            [
+                Q(f"{r.quantile_name(r.WAIT)}{{{f}}}", f"{lbl(P)} p{lbl('quantile')}"),
+                exemplar_quantile(r.WAIT, "0.99", f, short_p99),
+            ],
             threshold=wait_limit,
         ),
         heatmap_panel(
             "Wait-time distribution",
-            "Checkouts per second by how long they waited (histogram buckets). A second band "
-            "appearing at pool_timeout or at a round number of seconds means callers queue "
-            "behind connections held for that long.",
+            "Checkouts per second by how long they waited (histogram buckets over Grafana's "
+            "rate interval). A second band appearing at pool_timeout or at a round number of "
+            "seconds means callers queue behind connections held for that long. Dots are "
+            "exemplars: traced checkouts in their bucket; click one for its trace.",
             "s",
-            Q(f"sum by (le) ({r.bucket_rate_name(r.WAIT)}{{{f}}})", "{{le}}", heatmap=True),
+            Q(
+                f"sum by (le) (rate({s.bucket(r.WAIT)}{{{f}}}{rate}))",
+                "{{le}}",
+                heatmap=True,
+                exemplar=True,
+            ),
         ),
         timeseries_panel(
             "Checkout timeouts",
@@ -196,9 +219,12 @@ def build() -> dict[str, Any]:
             "How long connections stay checked out, checkout to return, per service over 5 "
             "minutes. Hold time is what sizes the pool. A p99 of seconds usually means a "
             "session held across an external call: the 'Sessions and code sites' dashboard "
-            "names the code.",
+            f"names the code, the trace of a slow hold's dot shows the request. {dots}",
             "s",
-            [Q(f"{r.quantile_name(r.USE)}{{{f}}}", f"{lbl(P)} p{lbl('quantile')}")],
+            [
+                Q(f"{r.quantile_name(r.USE)}{{{f}}}", f"{lbl(P)} p{lbl('quantile')}"),
+                exemplar_quantile(r.USE, "0.99", f, short_p99),
+            ],
         ),
         timeseries_panel(
             "Connect time p50 / p99",

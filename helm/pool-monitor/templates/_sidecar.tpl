@@ -8,7 +8,8 @@ depends on this one, (dict "Values" .Values.poolMonitor "Release" .Release). The
   pool-monitor.app.command           `command:` items that clear stale snapshots, then exec `args`
   pool-monitor.app.env               `env:` items: POOL_MONITOR_SNAPSHOT_DIR
   pool-monitor.app.volumeMounts      `volumeMounts:` items of the app container (read-write)
-  pool-monitor.sidecar.container     `containers:` item: the sidecar (volume read-only, probes)
+  pool-monitor.sidecar.container     `containers:` item: the sidecar (volume read-only, probes,
+                                     POOL_MONITOR_TRACE_URL_TEMPLATE from sidecar.traceUrlTemplate)
   pool-monitor.sidecar.volumes       `volumes:` items: snapshots emptyDir, DSN and token Secrets
 */}}
 
@@ -69,9 +70,15 @@ counter goes down. Only pool-monitor's own file names are touched.
     {{- range $sc.extraArgs }}
     - {{ . | quote }}
     {{- end }}
-  {{- with $sc.extraEnv }}
+  {{- if or $sc.traceUrlTemplate $sc.extraEnv }}
   env:
+    {{- with $sc.traceUrlTemplate }}
+    - name: POOL_MONITOR_TRACE_URL_TEMPLATE
+      value: {{ . | quote }}
+    {{- end }}
+    {{- with $sc.extraEnv }}
     {{- toYaml . | nindent 4 }}
+    {{- end }}
   {{- end }}
   ports:
     - name: pool-monitor

@@ -100,13 +100,15 @@ PLAN = Plan(
     store_writes=400,
 )
 
-#: The runner's scenarios in its order, then `idempotent_payment` once more: its variants
-#: last about a second (all keys' attempts run at once), so their code-site series are born
-#: between two scrapes at their final values, and a rate over a series Prometheus first saw
-#: at its final value is 0 (the dashboard's "share without SQL" is then 0/0). A code site
-#: cannot exist before its first checkout; in the replay Prometheus already knows the sites,
-#: as it would for any service that has been running for a while.
-SCENARIO_ORDER = [*SCENARIOS, "idempotent_payment"]
+#: The runner's scenarios in its order, then `idempotent_payment` and `shared_session` once
+#: more. `idempotent_payment`'s variants last about a second (all keys' attempts run at
+#: once), and `shared_session/shared` as little when SQLAlchemy aborts its runs early (a CI
+#: run saw every cross-thread use land between two scrapes), so their code-site series can
+#: be born between two scrapes at their final values, and a rate over a series Prometheus
+#: first saw at its final value is 0 (the dashboard's "share without SQL" is then 0/0). A
+#: code site cannot exist before its first checkout; in the replay Prometheus already knows
+#: the sites, as it would for any service that has been running for a while.
+SCENARIO_ORDER = [*SCENARIOS, "idempotent_payment", "shared_session"]
 
 #: Target labels, as the Helm chart's PodMonitor scrape gives them.
 JOB, NAMESPACE, SERVICE = "pool-monitor", "pool-monitor-it", "pool-monitor-demo"
@@ -493,7 +495,10 @@ def test_demo_dashboard_shows_anti_pattern_vs_fix(run: Run) -> None:
         return float(result["value"][1])
 
     held = {v: panel("Connections held (average)", v, "external_call") for v in "AB"}
-    assert held["A"] > 5 * held["B"] > 0, held
+    # The anti-pattern's holds are bounded by the pool (every connection out for the 0.5 s
+    # call); the fix's are its SQL only, CPU-bound, so they stretch on a busy machine (2
+    # busy loops on 2 cores: 4.5x, quiet: over 10x). 2x tells them apart at any speed.
+    assert held["A"] > 2 * held["B"] > 0, held
     assert panel("Share of hold time without SQL", "A", "external_call") > 0.8
     long_held = {v: panel("Long-held events per second", v, "external_call") for v in "AB"}
     assert long_held["A"] > 10 * long_held["B"], long_held

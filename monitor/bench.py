@@ -25,6 +25,18 @@ from contextlib import ExitStack
 from typing import Any
 
 MODES = ("paired", "otel")
+#: Instrumented modes timed against bare in the `paired` process. `instrumented` runs with
+#: OpenTelemetry installed and no span current (tracing absent); `traced` under a sampled
+#: span (the hold records its context); `traced_wait` also emits a `pool.wait` span per
+#: checkout; `no_trace_ctx` has trace capture off.
+PAIRED_MODES = (
+    "instrumented",
+    "no_code_sites",
+    "with_sidecar",
+    "no_trace_ctx",
+    "traced",
+    "traced_wait",
+)
 CASES = ("empty", "handler", "select1")
 
 
@@ -91,7 +103,7 @@ def worker(mode: str, url: str, cycles: int, batches: int, depth: int) -> dict[s
     engine = sa.create_engine(url, pool_size=5, max_overflow=0)
     counts = {"empty": cycles, "handler": cycles, "select1": max(1, cycles // 5)}
     timers = {case: _timer(engine, case, counts[case], depth) for case in CASES}
-    modes = ("instrumented", "no_code_sites", "with_sidecar") if mode == "paired" else ("otel",)
+    modes = PAIRED_MODES if mode == "paired" else ("otel",)
     out: dict[str, dict[str, list[float]]] = {m: {c: [] for c in CASES} for m in ("bare", *modes)}
     for case in CASES:  # warm up: connections open, caches and specializations filled
         timers[case]()
@@ -99,17 +111,25 @@ def worker(mode: str, url: str, cycles: int, batches: int, depth: int) -> dict[s
         from monitor.exporters import snapshot
 
         snapshots = tempfile.mkdtemp(prefix="pool-monitor-bench-")
-        settings = {
+        settings: dict[str, dict[str, Any]] = {
             "instrumented": {},
             "no_code_sites": {"code_sites": False},
             "with_sidecar": {"snapshot_dir": snapshots},
+            "no_trace_ctx": {"trace_context": False},
+            "traced": {},
+            "traced_wait": {"trace_pool_wait": True},
         }
+        request = _request_span()
         for _ in range(batches):
             for case in CASES:
                 out["bare"][case].append(timers[case]())
                 for name, options in settings.items():
                     monitor.instrument(engine, pool_name="bench", **options)
-                    out[name][case].append(timers[case]())
+                    if name.startswith("traced"):  # every cycle inside one sampled span
+                        with request():
+                            out[name][case].append(timers[case]())
+                    else:
+                        out[name][case].append(timers[case]())
                     monitor.uninstrument(engine)
                     if "snapshot_dir" in options:  # its thread and board: this mode's only
                         snapshot.stop_all()
@@ -133,6 +153,16 @@ def worker(mode: str, url: str, cycles: int, batches: int, depth: int) -> dict[s
     if mode == "paired":
         shutil.rmtree(snapshots, ignore_errors=True)
     return out
+
+
+def _request_span() -> Callable[[], Any]:
+    """A sampled, recording SDK span to run cycles under, as a traced request handler
+    does: its context is what the hold records; `pool.wait` spans are its children. The
+    provider has no processor, so finished spans cost their creation, not an export."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tracer = TracerProvider().get_tracer("pool-monitor-bench")
+    return lambda: tracer.start_as_current_span("GET /orders")
 
 
 def _otel_unavailable() -> str | None:

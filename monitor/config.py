@@ -39,6 +39,16 @@ class Settings:
     snapshot_dir: str | None = None
     #: Seconds between snapshot writes.
     snapshot_interval: float = 1.0
+    #: Record the trace and span ids of the OpenTelemetry span current at each checkout
+    #: (when opentelemetry-api is installed): holds, long-held alerts and misuse warnings
+    #: name the request, and the hold- and wait-time histograms carry exemplars.
+    trace_context: bool = True
+    #: Emit a `pool.wait` span, a child of the current span, around every checkout made
+    #: under a sampled trace: a trace then shows the time lost waiting for the pool.
+    trace_pool_wait: bool = False
+    #: Seconds a histogram bucket keeps its exemplar against faster ones: set it to about
+    #: the scrape interval, so each scrape sees the slowest observation since the last.
+    exemplar_window: float = 15.0
     #: Called (off the hot path, in the watchdog thread) for each long-held alert.
     on_long_held: tuple[Callable[[Any], None], ...] = field(default=(), compare=False)
 
@@ -46,6 +56,7 @@ class Settings:
 _FLOAT_RANGES: dict[str, tuple[float, float]] = {
     "long_held_threshold": (0.0, 86400.0),
     "snapshot_interval": (0.05, 3600.0),
+    "exemplar_window": (0.1, 3600.0),
 }
 _INT_RANGES: dict[str, tuple[int, int]] = {"max_sites": (1, 10000)}
 
@@ -121,7 +132,7 @@ def _parse(name: str, raw: object) -> object:
         return _parse_float(name, raw)
     if name in _INT_RANGES:
         return _parse_int(name, raw)
-    if name == "code_sites":
+    if name in ("code_sites", "trace_context", "trace_pool_wait"):
         return _parse_bool(name, raw)
     if name in ("site_exclude", "site_include"):
         return _parse_prefixes(name, raw)

@@ -7,7 +7,10 @@ per histogram (as prometheus_client's has) would double the hot-path locking.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Mapping
 from typing import Any
+
+from prometheus_client.samples import Exemplar
 
 from monitor.catalogue import SECONDS_BUCKETS
 
@@ -40,14 +43,23 @@ class Histogram:
         }
 
 
-def cumulative_buckets(data: dict[str, Any]) -> list[tuple[str, int]]:
-    """Prometheus-style `(le, cumulative count)` pairs from a `to_dict()` result."""
+def cumulative_buckets(data: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """Prometheus-style `(le, cumulative count)` pairs from a `to_dict()` result, as
+    `(le, count, exemplar)` for a bucket with an exemplar (the ledger's `exemplars` list,
+    one entry or None per bucket): prometheus_client writes it in the OpenMetrics format
+    and leaves it out of the plain text one."""
     running = 0
-    out: list[tuple[str, int]] = []
-    for bound, count in zip(data["bounds"], data["counts"][:-1], strict=True):
+    les = [*map(_format_le, data["bounds"]), "+Inf"]
+    exemplars = data.get("exemplars") or ()
+    out: list[tuple[Any, ...]] = []
+    for index, (le, count) in enumerate(zip(les, data["counts"], strict=True)):
         running += count
-        out.append((_format_le(bound), running))
-    out.append(("+Inf", running + data["counts"][-1]))
+        exemplar = exemplars[index] if index < len(exemplars) else None
+        if exemplar is None:
+            out.append((le, running))
+        else:
+            labels = {"trace_id": exemplar["trace_id"], "span_id": exemplar["span_id"]}
+            out.append((le, running, Exemplar(labels, exemplar["value"], exemplar["timestamp"])))
     return out
 
 

@@ -27,6 +27,7 @@ from monitor.ledger import CONCURRENT, CROSS_THREAD, FOLD_LIMIT, Hold
 from monitor.naming import thread_labels, thread_name
 from monitor.poolpatch import returns_to_a_monitor
 from monitor.protocols import Monitored
+from monitor.tracing import WaitSpans, span_reader, trace_ids
 
 log = logging.getLogger("monitor")
 misuse_log = logging.getLogger("monitor.misuse")
@@ -112,6 +113,12 @@ def build_hooks(monitor: Monitored) -> dict[str, Callable[..., Any]]:
     leave_wait = ledger.waiting.pop
     board_cell = boards.current
     serial = float(monitor.serial)
+    settings = monitor.settings
+    # None unless OpenTelemetry's API is installed (and tracing is on): then a checkout
+    # reads the current span (one context-variable read) and keeps its context.
+    read_span = span_reader() if settings.trace_context or settings.trace_pool_wait else None
+    keep_context = read_span is not None and settings.trace_context
+    wait_spans = WaitSpans(monitor.name) if read_span and settings.trace_pool_wait else None
 
     def on_connect(dbapi_connection: Any, rec: Any) -> None:
         try:
@@ -135,12 +142,17 @@ def build_hooks(monitor: Monitored) -> dict[str, Callable[..., Any]]:
         def connect() -> Any:
             pool = pool_ref()
             enter_wait(None)  # list append/pop are atomic: no lock for the pending count
+            parent = wait_parent() if wait_spans is not None else None
             started = _perf()
             try:
                 fairy = base_connect(pool)
             except BaseException as error:
                 checkout_failed(error)
+                if parent is not None:
+                    wait_span(parent, started, error)
                 raise
+            if parent is not None:
+                wait_span(parent, started, None)
             try:  # noqa: SIM105 - contextlib.suppress costs a context manager per checkout
                 leave_wait()
             except IndexError:  # a fork emptied the child's list while we were inside
@@ -159,6 +171,10 @@ def build_hooks(monitor: Monitored) -> dict[str, Callable[..., Any]]:
                         rec,
                         rec.fairy_ref,
                     )
+                    if keep_context:
+                        span = read_span()  # type: ignore[misc]
+                        if span is not None:
+                            hold.ctx = span.get_span_context()
                     board = board_cell[0]
                     if board is not None:  # on the board before anyone can return it
                         try:
@@ -181,6 +197,22 @@ def build_hooks(monitor: Monitored) -> dict[str, Callable[..., Any]]:
             return fairy
 
         return connect
+
+    def wait_parent() -> tuple[Any, int] | None:
+        """The span a `pool.wait` span would be a child of, and the wall clock now (the
+        span's start), if a sampled trace is current."""
+        try:
+            parent = wait_spans.parent(read_span())  # type: ignore[union-attr, misc]
+            return None if parent is None else (parent, time.time_ns())
+        except Exception as exc:
+            swallow(monitor, "wait span", exc)
+            return None
+
+    def wait_span(parent: tuple[Any, int], started: float, error: BaseException | None) -> None:
+        try:
+            wait_spans.emit(parent[0], parent[1], _perf() - started, error)  # type: ignore[union-attr]
+        except Exception as exc:
+            swallow(monitor, "wait span", exc)
 
     def checkout_failed(error: BaseException) -> None:
         """A checkout failed: a pool timeout (no event sees it), a connect error (the dialect
@@ -339,6 +371,7 @@ def build_hooks(monitor: Monitored) -> dict[str, Callable[..., Any]]:
         if first:
             user, other_user, holder = thread_labels((thread, other, hold.thread), hold.users)
             borrowed_at, used_at = monitor.sites.name(hold.site), monitor.sites.name(site)
+            ids = trace_ids(hold.ctx) if hold.ctx is not None else None
             how = (
                 "again after thread %s had used it in between (two threads taking "
                 "turns on one connection)"
@@ -348,12 +381,13 @@ def build_hooks(monitor: Monitored) -> dict[str, Callable[..., Any]]:
             misuse_log.warning(
                 "pool %r: connection checked out at %s was used by thread %s at %s "
                 + how
-                + " (logged once per site)",
+                + "%s (logged once per site)",
                 monitor.name,
                 borrowed_at,
                 user,
                 used_at,
                 other_user,
+                f"; checked out under trace {ids.trace_id} span {ids.span_id}" if ids else "",
                 extra={
                     "pool": monitor.name,
                     "misuse": label,
@@ -362,6 +396,8 @@ def build_hooks(monitor: Monitored) -> dict[str, Callable[..., Any]]:
                     "other_thread": other_user,
                     "checkout_site": borrowed_at,
                     "use_site": used_at,
+                    "trace_id": ids.trace_id if ids else None,
+                    "span_id": ids.span_id if ids else None,
                 },
             )
 

@@ -5,6 +5,7 @@ The monitor itself is `monitor.pool_monitor`; the set of monitors is `monitor.re
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from sqlalchemy.engine import Engine
@@ -30,6 +31,11 @@ def instrument(engine: Any, pool_name: str | None = None, **settings: Any) -> Po
     """
     sync = _sync_engine(engine)
     resolved = load_settings(settings)
+    if resolved.trace_pool_wait and importlib.util.find_spec("opentelemetry") is None:
+        raise ConfigError(
+            "trace_pool_wait needs OpenTelemetry's API: pip install 'pool-monitor[otel]' "
+            "(or opentelemetry-api), or leave trace_pool_wait off"
+        )
     if pool_name is not None and (not isinstance(pool_name, str) or not pool_name.strip()):
         raise ConfigError(f"pool_name must be a non-empty string, got {pool_name!r}")
     with registry.lock:

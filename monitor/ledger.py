@@ -12,6 +12,7 @@ are not kept here: they are read from the live pool when collected (see `gauges`
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from bisect import bisect_left
 from collections import deque
@@ -21,6 +22,7 @@ from typing import Any
 from monitor.catalogue import OTHER_SITE
 from monitor.histogram import Histogram
 from monitor.sites import SiteKey
+from monitor.tracing import trace_ids
 
 #: Indexes into a site's totals list.
 USE, IDLE, CHECKOUTS, LONG_HELD, CROSS_THREAD, CONCURRENT = range(6)
@@ -46,6 +48,7 @@ class Hold:
         "alerted",
         "board",
         "counted",
+        "ctx",
         "depth",
         "end",
         "exec_thread",
@@ -99,6 +102,9 @@ class Hold:
         # Its slot on the process's board (`monitor.exporters.board`), if it got one.
         self.board: Any = None
         self.slot = 0
+        # The OpenTelemetry span context current at checkout (set by the hook when
+        # tracing is on and a span is current); its ids are read off the hot path.
+        self.ctx: Any = None
 
     @property
     def task(self) -> Any:
@@ -159,6 +165,54 @@ class SiteTable:
         return totals
 
 
+class Exemplars:
+    """One exemplar per histogram bucket: a traced observation, the slowest of the last
+    `window` seconds (an older one gives way to the next, whatever its value), so each
+    scrape sees the slowest recent request of each bucket. Caller holds the ledger lock.
+
+    Each is `(value, unix time, perf_counter time, trace id, span id)`, ids in hex: the
+    wall time is fixed when it is recorded, so Prometheus, which stores an exemplar again
+    whenever its timestamp changes, sees the same one on every scrape."""
+
+    __slots__ = ("bounds", "by_bucket", "window")
+
+    def __init__(self, bounds: tuple[float, ...], window: float) -> None:
+        self.bounds = bounds
+        self.window = window
+        self.by_bucket: list[tuple[float, float, float, str, str] | None] = [None] * (
+            len(bounds) + 1
+        )
+
+    def offer(self, value: float, at: float, ctx: Any, wall_offset: float) -> None:
+        """Keep `value` (observed at perf_counter `at` under span context `ctx`) if it is
+        its bucket's slowest, or the bucket's exemplar is older than the window. Only
+        sampled spans: an unsampled trace id leads to no trace."""
+        index = bisect_left(self.bounds, value)
+        old = self.by_bucket[index]
+        if old is not None and value < old[0] and at - old[2] <= self.window:
+            return
+        ids = trace_ids(ctx)
+        if ids is None or not ids.sampled:
+            return
+        self.by_bucket[index] = (value, at + wall_offset, at, ids.trace_id, ids.span_id)
+
+    def to_list(self) -> list[dict[str, Any] | None] | None:
+        """Per bucket, `{value, timestamp, trace_id, span_id}` or None; None if empty."""
+        if not any(self.by_bucket):
+            return None
+        return [
+            None
+            if e is None
+            else {"value": e[0], "timestamp": e[1], "trace_id": e[3], "span_id": e[4]}
+            for e in self.by_bucket
+        ]
+
+
+def wall_offset() -> float:
+    """unix time − perf_counter time, now: turns a perf_counter reading into unix time."""
+    return time.time() - time.perf_counter()
+
+
 class Ledger:
     """Everything one instrumented pool has measured in this process."""
 
@@ -166,18 +220,27 @@ class Ledger:
         "closed",
         "counters",
         "create_time",
+        "exemplar_window",
         "holds",
         "lock",
         "logged_once",
         "otel_queues",
         "pids",
         "sites",
+        "use_exemplars",
         "use_time",
+        "wait_exemplars",
         "wait_time",
         "waiting",
     )
 
-    def __init__(self, max_sites: int, name_of: Callable[[SiteKey | None], str]) -> None:
+    def __init__(
+        self,
+        max_sites: int,
+        name_of: Callable[[SiteKey | None], str],
+        exemplar_window: float = 15.0,
+    ) -> None:
+        self.exemplar_window = exemplar_window
         self.lock = threading.Lock()
         self.holds: dict[Any, Hold] = {}  # live holds by connection record
         self.closed: deque[Hold] = deque()  # returns not yet folded
@@ -186,7 +249,8 @@ class Ledger:
         # `record.info` (that is the application's `Connection.info` dict); weak, so a
         # closed record goes with its pid.
         self.pids: weakref.WeakKeyDictionary[Any, int | None] = weakref.WeakKeyDictionary()
-        self.otel_queues: list[deque[tuple[str, float]]] = []  # one per OTel bridge
+        # One per OTel bridge: (histogram, value, span context or None).
+        self.otel_queues: list[deque[tuple[str, float, Any]]] = []
         self.sites = SiteTable(max_sites, name_of)
         self._zero()
 
@@ -195,6 +259,8 @@ class Ledger:
         self.wait_time = Histogram()
         self.use_time = Histogram()
         self.create_time = Histogram()
+        self.wait_exemplars = Exemplars(self.wait_time.bounds, self.exemplar_window)
+        self.use_exemplars = Exemplars(self.use_time.bounds, self.exemplar_window)
         self.sites = SiteTable(self.sites.limit, self.sites.name_of)
         self.logged_once: set[tuple[str, SiteKey | None]] = set()
 
@@ -215,8 +281,8 @@ class Ledger:
         with self.lock:
             setattr(self.counters, counter, getattr(self.counters, counter) + 1)
 
-    def add_otel_queue(self) -> deque[tuple[str, float]]:
-        queue: deque[tuple[str, float]] = deque()
+    def add_otel_queue(self) -> deque[tuple[str, float, Any]]:
+        queue: deque[tuple[str, float, Any]] = deque()
         with self.lock:
             self.otel_queues = [*self.otel_queues, queue]
         return queue
@@ -235,8 +301,10 @@ class Ledger:
         self.wait_time.sum += hold.waited
         self.counters.checkouts += 1
         self.sites.totals(hold.site)[CHECKOUTS] += 1
+        if hold.ctx is not None:
+            self.wait_exemplars.offer(hold.waited, hold.start, hold.ctx, wall_offset())
         for queue in self.otel_queues:
-            self._to_otel(queue, "wait_time", hold.waited)
+            self._to_otel(queue, "wait_time", hold.waited, hold.ctx)
 
     def _fold_closed(self) -> None:
         """Returned holds: the checkout (unless counted while out), and the hold, SQL and
@@ -254,6 +322,7 @@ class Ledger:
         by_site = self.sites.by_site
         totals_for = self.sites.totals
         otel = self.otel_queues
+        offset: float | None = None  # wall_offset(), once per fold that needs it
         checkouts = 0
         wait_sum = use_sum = sql_sum = idle_sum = 0.0
         try:
@@ -276,7 +345,7 @@ class Ledger:
                     totals[CHECKOUTS] += 1
                     if otel:
                         for queue in otel:
-                            self._to_otel(queue, "wait_time", waited)
+                            self._to_otel(queue, "wait_time", waited, hold.ctx)
                 held = hold.end - hold.start
                 if held < 0.0:
                     held = 0.0
@@ -292,9 +361,16 @@ class Ledger:
                 idle_sum += idle
                 totals[USE] += held
                 totals[IDLE] += idle
+                ctx = hold.ctx
+                if ctx is not None:  # traced: the exemplar candidates
+                    if offset is None:
+                        offset = wall_offset()
+                    if not hold.counted:
+                        self.wait_exemplars.offer(hold.waited, hold.start, ctx, offset)
+                    self.use_exemplars.offer(held, hold.end, ctx, offset)
                 if otel:
                     for queue in otel:
-                        self._to_otel(queue, "use_time", held)
+                        self._to_otel(queue, "use_time", held, ctx)
         finally:  # an error mid-way must not leave counts and histograms disagreeing
             self.wait_time.sum += wait_sum
             self.use_time.sum += use_sum
@@ -303,11 +379,13 @@ class Ledger:
             counters.sql_time += sql_sum
             counters.idle_in_use_time += idle_sum
 
-    def _to_otel(self, queue: deque[tuple[str, float]], kind: str, value: float) -> None:
+    def _to_otel(
+        self, queue: deque[tuple[str, float, Any]], kind: str, value: float, ctx: Any = None
+    ) -> None:
         if len(queue) >= OTEL_QUEUE_LIMIT:  # no collection for a long time: say so
             self.counters.otel_dropped += 1
             return
-        queue.append((kind, value))
+        queue.append((kind, value, ctx))
 
     def record_create_time(self, elapsed: float) -> None:
         with self.lock:
@@ -334,8 +412,12 @@ class Ledger:
                 "counters": self.counters.to_dict(),
                 "histograms": {
                     "db.client.connection.create_time": self.create_time.to_dict(),
-                    "db.client.connection.wait_time": self.wait_time.to_dict(),
-                    "db.client.connection.use_time": self.use_time.to_dict(),
+                    "db.client.connection.wait_time": _with_exemplars(
+                        self.wait_time.to_dict(), self.wait_exemplars
+                    ),
+                    "db.client.connection.use_time": _with_exemplars(
+                        self.use_time.to_dict(), self.use_exemplars
+                    ),
                 },
             }
         if any(other):
@@ -347,3 +429,10 @@ class Ledger:
                 column[name] = column.get(name, 0.0) + totals[index]
         result["sites"] = columns
         return result
+
+
+def _with_exemplars(hist: dict[str, Any], exemplars: Exemplars) -> dict[str, Any]:
+    listed = exemplars.to_list()
+    if listed is not None:
+        hist["exemplars"] = listed
+    return hist

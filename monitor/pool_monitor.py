@@ -29,6 +29,7 @@ from monitor.hooks import (
 from monitor.ledger import Hold, Ledger
 from monitor.naming import task_name, thread_name
 from monitor.sites import SiteFinder
+from monitor.tracing import trace_ids
 
 SNAPSHOT_VERSION = 1
 
@@ -50,6 +51,10 @@ class LongHeldEvent:
     task: str | None
     backend_pid: int | None
     stack: tuple[str, ...]
+    #: The OpenTelemetry trace and span the connection was checked out under, if any
+    #: (hex, as trace backends write them).
+    trace_id: str | None = None
+    span_id: str | None = None
 
 
 def _sync_engine(engine: Any) -> Engine:
@@ -86,7 +91,7 @@ class PoolMonitor:
         self.name = name
         self.settings = settings
         self.sites = SiteFinder(settings.site_exclude, settings.site_include)
-        self.ledger = Ledger(settings.max_sites, self.sites.name)
+        self.ledger = Ledger(settings.max_sites, self.sites.name, settings.exemplar_window)
         # Unique in this process for its whole life (`id()` is reused): the documents'
         # `monitor_id`, and what a board slot names its hold's pool by.
         self.serial = next(_serials)
@@ -264,7 +269,14 @@ class PoolMonitor:
             "executing": bool(hold.depth),
             "long_held": bool(threshold) and age >= threshold,
             **({"board_slot": hold.slot, "started_mono": hold.start} if hold.board else {}),
+            **trace_fields(hold),
         }
 
     def __repr__(self) -> str:
         return f"<PoolMonitor pool={self.name!r} active={self.active}>"
+
+
+def trace_fields(hold: Hold) -> dict[str, str]:
+    """`trace_id` and `span_id` of the span a hold was checked out under, if any."""
+    ids = trace_ids(hold.ctx) if hold.ctx is not None else None
+    return {} if ids is None else {"trace_id": ids.trace_id, "span_id": ids.span_id}

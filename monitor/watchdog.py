@@ -20,7 +20,7 @@ from typing import Any
 from monitor.hooks import swallow
 from monitor.ledger import LONG_HELD, Hold
 from monitor.naming import task_name, thread_name
-from monitor.pool_monitor import LongHeldEvent, PoolMonitor
+from monitor.pool_monitor import LongHeldEvent, PoolMonitor, trace_fields
 from monitor.registry import monitors
 from monitor.sites import format_stack, walk_frames
 
@@ -137,13 +137,14 @@ def alert(pm: PoolMonitor, hold: Hold, now: float) -> LongHeldEvent:
         task=task_name(hold.task),
         backend_pid=pm.backend_pid(hold),
         stack=tuple(current_stack(pm, hold)),
+        **trace_fields(hold),
     )
     with pm.ledger.lock:
         pm.ledger.sites.totals(hold.site)[LONG_HELD] += 1
     stack_text = "".join(f"\n    {line}" for line in event.stack) or "\n    (no user frames)"
     log.warning(
         "pool %r: connection held for %.3f s (threshold %g s), checked out at %s by thread "
-        "%r, task %r, backend pid %s; the holder is now at:%s",
+        "%r, task %r, backend pid %s%s; the holder is now at:%s",
         event.pool,
         event.age_s,
         pm.settings.long_held_threshold,
@@ -151,6 +152,7 @@ def alert(pm: PoolMonitor, hold: Hold, now: float) -> LongHeldEvent:
         event.thread,
         event.task,
         event.backend_pid,
+        f", trace {event.trace_id} span {event.span_id}" if event.trace_id else "",
         stack_text,
         extra=_extra(event),
     )
@@ -173,6 +175,8 @@ def _extra(event: LongHeldEvent) -> dict[str, Any]:
         "task_name": event.task,
         "backend_pid": event.backend_pid,
         "stack": list(event.stack),
+        "trace_id": event.trace_id,
+        "span_id": event.span_id,
     }
 
 

@@ -45,7 +45,15 @@ def test_bench_reports_medians_and_ratios(database_url: str) -> None:
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     medians = result["medians_us"]
-    assert set(medians) == {"bare", "instrumented", "no_code_sites", "with_sidecar"}
+    assert set(medians) == {
+        "bare",
+        "instrumented",
+        "no_code_sites",
+        "with_sidecar",
+        "no_trace_ctx",
+        "traced",
+        "traced_wait",
+    }
     for mode in medians.values():
         assert set(mode) == {"empty", "handler", "select1"} and all(v > 0 for v in mode.values())
     assert result["depth"] == 25

@@ -3,7 +3,8 @@
 Gauges and counters are observable instruments read from snapshots at collection time.
 OpenTelemetry has no observable histogram, so durations reach the SDK's histograms by
 replay: each bridge gets its own bounded queue of raw observations from every ledger and
-lock (filled when the ledger folds, never on the checkout path), and an observable
+lock (filled when the ledger folds, never on the checkout path), each with the span
+context its checkout ran under (for exemplars), and an observable
 callback, which the SDK runs before it aggregates the synchronous instruments of the same
 collection, records them. Nothing OpenTelemetry does runs on the application's checkout
 path; observations past the queue bound (no collection for a long time) are counted in
@@ -47,7 +48,7 @@ class OtelBridge:
         provider = meter_provider or metrics.get_meter_provider()
         self.meter = provider.get_meter(_METER_NAME)
         self._histograms: dict[str, Any] = {}
-        self._pool_queues: weakref.WeakKeyDictionary[Any, deque[tuple[str, float]]] = (
+        self._pool_queues: weakref.WeakKeyDictionary[Any, deque[tuple[str, float, Any]]] = (
             weakref.WeakKeyDictionary()
         )
         self._lock_queue = locks.add_otel_queue()
@@ -107,11 +108,16 @@ class OtelBridge:
         return snapshots
 
     def _replay(self) -> None:
-        """Record this bridge's queued durations into the SDK histograms."""
+        """Record this bridge's queued durations into the SDK histograms. A duration
+        measured under a span is recorded with that span's context, so the SDK's exemplar
+        filter and reservoir can keep its trace id, as if recorded inside the request."""
+        from opentelemetry.trace import NonRecordingSpan, set_span_in_context
+
         for pm, queue in list(self._pool_queues.items()):
             attributes = {POOL_NAME: pm.name}
-            for kind, value in _drain(queue):
-                self._histograms[_POOL_HISTOGRAMS[kind]].record(value, attributes)
+            for kind, value, ctx in _drain(queue):
+                context = set_span_in_context(NonRecordingSpan(ctx)) if ctx is not None else None
+                self._histograms[_POOL_HISTOGRAMS[kind]].record(value, attributes, context)
         for kind, name, value in _drain(self._lock_queue):
             self._histograms[_LOCK_HISTOGRAMS[kind]].record(value, {LOCK_NAME: name})
 

@@ -252,7 +252,9 @@ class Aggregator:
         for key, old_pool in old.items():
             new_pool = new.get(key)
             if new_pool is None:  # that monitor is gone (uninstrumented): keep its counts
-                merge.add_totals(self._compacted.setdefault(key[0], merge.totals()), old_pool)
+                merge.add_totals(
+                    self._compacted.setdefault(key[0], merge.totals()), old_pool, exemplars=False
+                )
             else:
                 merge.high_water(old_pool, new_pool)
         proc.doc = doc
@@ -283,7 +285,9 @@ class Aggregator:
 
     def _compact(self, proc: Process, file_exists: bool) -> None:
         for key, pool in _series(proc.doc).items():
-            merge.add_totals(self._compacted.setdefault(key[0], merge.totals()), pool)
+            merge.add_totals(
+                self._compacted.setdefault(key[0], merge.totals()), pool, exemplars=False
+            )
         merge.add_locks(self._compacted_locks, proc.doc.get("locks", {}))
         del self.procs[proc.name]
         if file_exists:

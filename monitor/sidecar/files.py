@@ -250,6 +250,11 @@ def _histogram(value: dict[str, Any], where: str) -> None:
     bounds, counts = value["bounds"], value["counts"]
     if len(counts) != len(bounds) + 1:
         raise Rejected("invalid", f"{where} has {len(counts)} counts for {len(bounds)} bounds")
+    exemplars = value.get("exemplars")
+    if exemplars is not None and len(exemplars) != len(counts):
+        raise Rejected(
+            "invalid", f"{where} has {len(exemplars)} exemplars for {len(counts)} buckets"
+        )
     if bounds != _BOUNDS:
         raise Rejected(
             "incompatible", f"{where} has bucket bounds {bounds}, this sidecar merges {_BOUNDS}"

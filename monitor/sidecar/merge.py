@@ -42,32 +42,62 @@ def add_value(acc: dict[str, Any], name: str, value: Any) -> None:
         acc[name] = (current if not isinstance(current, dict) else 0) + value
 
 
-def add_histogram(acc: dict[str, Any], name: str, hist: Mapping[str, Any]) -> None:
-    """acc[name] += hist (same bounds: `files.validate` guarantees it)."""
+#: Seconds within which the slower of two exemplars of a bucket wins; a newer one by
+#: more than this wins whatever its value (the workers' default `exemplar_window`), so a
+#: worker that stopped serving traced requests does not keep its old exemplar on top.
+EXEMPLAR_WINDOW_S = 15.0
+
+
+def add_histogram(
+    acc: dict[str, Any], name: str, hist: Mapping[str, Any], exemplars: bool = True
+) -> None:
+    """acc[name] += hist (same bounds: `files.validate` guarantees it). Per bucket, the
+    slowest recent exemplar of all wins (`exemplars=False`: `hist`'s are left out)."""
     into = acc.get(name)
     if into is None:
-        acc[name] = {
+        into = acc[name] = {
             "bounds": list(hist["bounds"]),
             "counts": list(hist["counts"]),
             "sum": hist["sum"],
             "count": sum(hist["counts"]),
         }
-        return
-    counts = into["counts"]
-    for i, c in enumerate(hist["counts"]):
-        counts[i] += c
-    into["sum"] += hist["sum"]
-    into["count"] = sum(counts)
+    else:
+        counts = into["counts"]
+        for i, c in enumerate(hist["counts"]):
+            counts[i] += c
+        into["sum"] += hist["sum"]
+        into["count"] = sum(counts)
+    offered = hist.get("exemplars") if exemplars else None
+    if offered:
+        kept = into.get("exemplars")
+        if kept is None:
+            into["exemplars"] = list(offered)
+            return
+        for i, candidate in enumerate(offered):
+            if candidate is not None and _wins(candidate, kept[i]):
+                kept[i] = candidate
 
 
-def add_totals(acc: dict[str, dict[str, Any]], pool: Mapping[str, Any]) -> None:
-    """Add one pool snapshot's counters and histograms into `acc` (see `totals()`)."""
+def _wins(candidate: Mapping[str, Any], kept: Mapping[str, Any] | None) -> bool:
+    if kept is None:
+        return True
+    age = kept["timestamp"] - candidate["timestamp"]  # > 0: the candidate is older
+    if age < -EXEMPLAR_WINDOW_S:
+        return True
+    return candidate["value"] > kept["value"] and age <= EXEMPLAR_WINDOW_S
+
+
+def add_totals(
+    acc: dict[str, dict[str, Any]], pool: Mapping[str, Any], exemplars: bool = True
+) -> None:
+    """Add one pool snapshot's counters and histograms into `acc` (see `totals()`).
+    Retained totals (processes gone) take no exemplars: those requests are past."""
     counters = acc["counters"]
     for name, value in pool.get("counters", {}).items():
         add_value(counters, name, value)
     histograms = acc["histograms"]
     for name, hist in pool.get("histograms", {}).items():
-        add_histogram(histograms, name, hist)
+        add_histogram(histograms, name, hist, exemplars)
 
 
 def add_gauges(acc: dict[str, Any], gauges: Mapping[str, Any]) -> None:
@@ -92,6 +122,8 @@ def copy_totals(source: Mapping[str, Any]) -> dict[str, Any]:
     for name, value in source.items():
         if isinstance(value, Mapping) and "counts" in value:
             out[name] = {**value, "counts": list(value["counts"])}
+            if value.get("exemplars") is not None:
+                out[name]["exemplars"] = list(value["exemplars"])
         elif isinstance(value, Mapping):
             out[name] = copy_totals(value)
         else:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.core import Metric as PromMetric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from monitor.exporters.prometheus import families
@@ -226,4 +227,24 @@ class Registries:
         self.health.register(HealthCollector(view, pg, scans))
 
     def exposition(self) -> bytes:
-        return generate_latest(self.data) + generate_latest(self.health)
+        """Both registries in the plain text format."""
+        return self.render(None)[0]
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """Both registries in the format the scraper asked for (`Accept`), and its media
+        type: OpenMetrics, which carries the exemplars, when it lists it (Prometheus does
+        by default); the plain text format, without exemplars, otherwise."""
+        encoder, media_type = choose_encoder(accept or "")
+        return encoder(_Both(self.data, self.health)), media_type
+
+
+class _Both:
+    """Two registries read as one: OpenMetrics has a single `# EOF`, so they cannot be
+    concatenated like text expositions."""
+
+    def __init__(self, *registries: CollectorRegistry) -> None:
+        self._registries = registries
+
+    def collect(self) -> Iterator[PromMetric]:
+        for registry in self._registries:
+            yield from registry.collect()

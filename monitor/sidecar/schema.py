@@ -58,6 +58,22 @@ Labelled = Annotated[dict[Text, Count], Field(max_length=MAX_LABELS_IN)]
 Value = Count | Labelled
 
 
+#: OpenTelemetry ids as trace backends and exemplars write them: lowercase hex.
+TraceId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+SpanId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")]
+
+
+class Exemplar(TypedDict):
+    """A traced observation of one bucket (see `monitor.ledger.Exemplars`)."""
+
+    __pydantic_config__ = _Strict  # type: ignore[misc]
+
+    value: Seconds
+    timestamp: Annotated[float, Field(gt=0, le=MAX_NUMBER, allow_inf_nan=False)]
+    trace_id: TraceId
+    span_id: SpanId
+
+
 class Histogram(TypedDict):
     __pydantic_config__ = _Strict  # type: ignore[misc]
 
@@ -65,6 +81,7 @@ class Histogram(TypedDict):
     counts: Annotated[list[Count], Field(max_length=MAX_BUCKETS + 1)]
     sum: Count
     count: NotRequired[Count]
+    exemplars: NotRequired[Annotated[list[Exemplar | None], Field(max_length=MAX_BUCKETS + 1)]]
 
 
 class Hold(TypedDict, total=False):
@@ -81,6 +98,8 @@ class Hold(TypedDict, total=False):
     executing: bool
     long_held: bool
     board_slot: Annotated[int, Field(ge=0, lt=2**20)]
+    trace_id: TraceId
+    span_id: SpanId
     started_mono: Annotated[float, Field(gt=0, le=MAX_NUMBER, allow_inf_nan=False)]
 
 

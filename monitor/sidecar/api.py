@@ -12,6 +12,10 @@ after the hold began, no older than `MAX_SAMPLE_AGE_S`, and neither its transact
 its last state change older than the hold. Otherwise the server fields are null and
 `server_unknown` says why: a poll from before the checkout, or a transaction of the
 previous holder of the same backend, would otherwise be shown as this hold's.
+
+Each hold carries the OpenTelemetry trace and span it was checked out under (`trace_id`,
+`span_id`, null when the worker recorded none) and, with `--trace-url-template`, a link to
+that trace in the tracing backend (`trace_url`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 from monitor.sidecar import aggregate
 from monitor.sidecar.aggregate import View
+from monitor.sidecar.config import trace_url
 from monitor.sidecar.postgres import Backend, PgView
 
 #: /api/checkouts never shows a server row older than this (sidecar clock, from the start
@@ -126,7 +131,22 @@ def _stale(hold: dict[str, Any], now: float) -> bool:
     return not isinstance(as_of, (int, float)) or now - as_of > aggregate.STALE_AFTER_S
 
 
-def _hold_ref(hold: dict[str, Any]) -> dict[str, Any]:
+def _trace(hold: dict[str, Any], template: str | None) -> dict[str, str | None]:
+    """`trace_id`, `span_id` (None when unknown: no span was current at the checkout, an
+    older library, or a hold whose details are pending) and `trace_url` (None unless the
+    template is set and the hold has a trace id). The schema let through only lowercase
+    hex ids; anything else here (a hold not from a validated document) counts as none."""
+    trace_id, span_id = hold.get("trace_id"), hold.get("span_id")
+    trace_id = trace_id if isinstance(trace_id, str) else None
+    span_id = span_id if isinstance(span_id, str) else None
+    return {
+        "trace_id": trace_id,
+        "span_id": span_id,
+        "trace_url": trace_url(template, trace_id, span_id) if template and trace_id else None,
+    }
+
+
+def _hold_ref(hold: dict[str, Any], template: str | None = None) -> dict[str, Any]:
     return {
         "pool": hold["pool"],
         "age_s": hold["age_s"],
@@ -134,6 +154,7 @@ def _hold_ref(hold: dict[str, Any]) -> dict[str, Any]:
         "thread": hold.get("thread"),
         "task": hold.get("task"),
         "process": hold.get("process"),
+        **_trace(hold, template),
     }
 
 
@@ -194,7 +215,12 @@ def join(
 
 
 def _blocker(
-    pid: int, pg: PgView, by_pid: dict[int, list[dict[str, Any]]], now: float, scanned_at: float
+    pid: int,
+    pg: PgView,
+    by_pid: dict[int, list[dict[str, Any]]],
+    now: float,
+    scanned_at: float,
+    template: str | None = None,
 ) -> dict[str, Any]:
     """A blocking backend, and only those holds on it that its row describes."""
     server: Backend | None = pg.backends.get(pid)
@@ -204,7 +230,7 @@ def _blocker(
         "server_state": server.state if server else None,
         "server_xact_age_s": _aged(server.xact_age_s, pg.polled_at, now) if server else None,
         "holds": [
-            _hold_ref(h)
+            _hold_ref(h, template)
             for h in by_pid.get(pid, [])
             if join(server, pg, _hold_start(h, scanned_at), now, max_age=float("inf")) is None
         ],
@@ -240,6 +266,7 @@ def checkouts(
     now: float | None = None,
     max_sample_age: float = MAX_SAMPLE_AGE_S,
     limit: int | None = None,
+    trace_url_template: str | None = None,
 ) -> list[dict[str, Any]]:
     """`/api/checkouts`: one object per live hold, oldest first, at most `limit` of them
     (sorted and cut here: the answer's size is bounded however many holds there are).
@@ -250,7 +277,9 @@ def checkouts(
     poll's duration), never make a transaction look older than its hold. The server
     fields are null, and `server_unknown` says why, unless `join` accepts the row;
     `server_as_of` is the server's `now()` for the sample, `server_sample_age_s` its
-    age at `now` (from the start of the poll)."""
+    age at `now` (from the start of the poll). `trace_id`, `span_id` and `trace_url`
+    (with `trace_url_template`, `--trace-url-template`): see `_trace`; the holds in
+    `blocked_by` carry them too."""
     now = time.time() if now is None else now
     holds = sorted(
         ({**h, "age_s": _hold_age(h, view.scanned_at, now)} for h in view.holds),
@@ -284,7 +313,10 @@ def checkouts(
             "wait_event_type": server.wait_event_type if server else None,
             "application_name": server.application_name if server else None,
             "lock_wait_s": _aged(server.lock_wait_s, pg.polled_at, now) if server else None,
-            "blocked_by": [_blocker(b, pg, by_pid, now, view.scanned_at) for b in server.blocked_by]
+            "blocked_by": [
+                _blocker(b, pg, by_pid, now, view.scanned_at, trace_url_template)
+                for b in server.blocked_by
+            ]
             if server
             else [],
             "server_unknown": unknown,
@@ -302,6 +334,7 @@ def checkouts(
             # exactly, but where and by whom arrives with the next document.
             "pending": bool(hold.get("pending")),
             "process": hold.get("process"),
+            **_trace(hold, trace_url_template),
         }
         if show_query_text:
             row["query"] = server.query if server else None

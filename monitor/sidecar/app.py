@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -147,13 +146,20 @@ def create_app(sidecar: Sidecar, manage: bool = True) -> Starlette:
         # poll ran must not be listed (a hold newer than the poll is joined as unknown).
         view = sidecar.view
         response = json_response(
-            api.checkouts(view, pg, sidecar.config.show_query_text, limit=limit)
+            api.checkouts(
+                view,
+                pg,
+                sidecar.config.show_query_text,
+                limit=limit,
+                trace_url_template=sidecar.config.trace_url_template,
+            )
         )
         response.headers["X-Total-Count"] = str(len(view.holds))  # before the limit
         return response
 
     async def metrics(request: Request) -> Response:
-        return Response(sidecar.registries.exposition(), media_type=CONTENT_TYPE_LATEST)
+        body, media_type = sidecar.registries.render(request.headers.get("accept"))
+        return Response(body, media_type=media_type)
 
     async def healthz(request: Request) -> Response:
         return json_response({"status": "ok"})

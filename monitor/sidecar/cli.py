@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from urllib.parse import urlsplit
 
 from monitor.config import ConfigError
 from monitor.sidecar.auth import TokenError, is_loopback
@@ -32,6 +33,11 @@ def _describe(config: SidecarConfig) -> None:
             "polling PostgreSQL every %g s at %s",
             config.postgres_interval,
             describe_dsn(config.postgres_dsn),
+        )
+    if config.trace_url_template is not None:  # (its host only: a URL may hold credentials)
+        log.info(
+            "linking holds' trace ids to %s",
+            urlsplit(config.trace_url_template).hostname,
         )
     if (
         config.auth_token_file is None

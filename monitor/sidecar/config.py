@@ -8,14 +8,26 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import quote, urlsplit
 
 from monitor.config import ConfigError
 from monitor.sidecar import files, postgres, sqltext
 
 DSN_ENV = "POOL_MONITOR_POSTGRES_DSN"
+TRACE_URL_ENV = "POOL_MONITOR_TRACE_URL_TEMPLATE"
 DEFAULT_LISTEN = "0.0.0.0:9187"
+
+#: A placeholder of `--trace-url-template`: `{` and `}` around anything but braces, quotes
+#: and white space. So `{trace_id}` is one, and so are `{traceId}` or `{0}` (refused), but
+#: the JSON of a Grafana Explore URL (`left={"datasource":…}`) is text, kept as it is.
+PLACEHOLDER = re.compile(r"\{([^{}\"'\s]*)\}")
+TRACE_PLACEHOLDERS = ("trace_id", "span_id")
+#: What a template may be (checked with the placeholders filled with ids of this shape).
+_SAMPLE_IDS = {"trace_id": "0" * 32, "span_id": "0" * 16}
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 
 
 @dataclass(frozen=True)
@@ -34,6 +46,8 @@ class SidecarConfig:
     max_snapshot_bytes: int = files.MAX_BYTES
     retain_dead_s: float = 600.0
     page_refresh_s: float = 2.0
+    #: `https://…/{trace_id}…`: link each hold's trace id (None: ids shown, not linked)
+    trace_url_template: str | None = None
     log_level: str = "INFO"
 
 
@@ -44,6 +58,54 @@ def parse_listen(value: str) -> tuple[str, int]:
         raise ConfigError(f"--listen must be HOST:PORT with a port from 1 to 65535, got {value!r}")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)
+
+
+def trace_url(template: str, trace_id: str, span_id: str | None) -> str:
+    """`template` (a checked `--trace-url-template`) with the ids put in, URL-quoted (they
+    are lowercase hex: quoting changes nothing, but nothing reaches the URL unquoted).
+    A template naming `{span_id}` for a hold without one gets an empty string there."""
+    ids = {"trace_id": trace_id, "span_id": span_id or ""}
+    return PLACEHOLDER.sub(lambda m: quote(ids[m[1]], safe=""), template)
+
+
+def check_trace_url_template(template: str, name: str = "--trace-url-template") -> str:
+    """The template if it is an absolute http(s) URL with `{trace_id}` and no placeholder
+    but `{trace_id}` and `{span_id}`; else `ConfigError` naming `name` and the problem.
+    The template itself is not quoted in the message: a URL may hold credentials."""
+    if _CONTROL.search(template):
+        raise ConfigError(
+            f"{name} must not contain spaces or control characters (percent-encode them)"
+        )
+    unknown = [m[0] for m in PLACEHOLDER.finditer(template) if m[1] not in TRACE_PLACEHOLDERS]
+    if unknown:
+        raise ConfigError(
+            f"{name} has an unknown placeholder {unknown[0]}: only {{trace_id}} and "
+            "{span_id} are replaced"
+        )
+    if not any(m[1] == "trace_id" for m in PLACEHOLDER.finditer(template)):
+        raise ConfigError(f"{name} must contain the placeholder {{trace_id}}")
+    try:
+        url = urlsplit(PLACEHOLDER.sub(lambda m: _SAMPLE_IDS[m[1]], template))
+        host = url.hostname
+    except ValueError as exc:
+        raise ConfigError(f"{name} is not a valid URL: {exc}") from None
+    if url.scheme not in ("http", "https"):
+        got = f"{url.scheme}:" if url.scheme else "no scheme"
+        raise ConfigError(f"{name} must be an http:// or https:// URL, got {got}")
+    if not host:
+        raise ConfigError(f"{name} must be an absolute URL with a host (https://host/...)")
+    return template
+
+
+def _trace_url_template(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    """The option, else `$POOL_MONITOR_TRACE_URL_TEMPLATE`; empty means none."""
+    if args.trace_url_template is not None:
+        value, name = args.trace_url_template, "--trace-url-template"
+    else:
+        value = environ.get(TRACE_URL_ENV, "")
+        name = f"--trace-url-template (from ${TRACE_URL_ENV})"
+    value = value.strip()
+    return check_trace_url_template(value, name) if value else None
 
 
 def _positive(name: str, value: float, low: float, high: float) -> float:
@@ -138,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often the live page refreshes its pools and the holds' server columns "
         "(default 2; the holds list itself follows /api/checkouts every 0.1 s)",
     )
+    p.add_argument(
+        "--trace-url-template",
+        metavar="URL",
+        help=f"link each hold's OpenTelemetry trace id on the live page and in "
+        f"/api/checkouts (trace_url): an http(s) URL with {{trace_id}} and optionally "
+        f"{{span_id}}, e.g. https://tempo.example/trace/{{trace_id}} (also "
+        f"${TRACE_URL_ENV}; default: ids shown, not linked)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -183,8 +253,9 @@ def _check_dsn(dsn: str, source: str) -> None:
 
 
 def parse(argv: list[str], environ: Mapping[str, str] | None = None) -> SidecarConfig:
-    """Arguments (and `POOL_MONITOR_POSTGRES_DSN`) to a validated config; `ConfigError`
-    on a bad value (argparse itself exits with status 2 on unknown options)."""
+    """Arguments (and `POOL_MONITOR_POSTGRES_DSN`, `POOL_MONITOR_TRACE_URL_TEMPLATE`) to a
+    validated config; `ConfigError` on a bad value (argparse itself exits with status 2 on
+    unknown options)."""
     environ = os.environ if environ is None else environ
     args = build_parser().parse_args(argv)
     dsn, source = _dsn_and_source(args, environ)
@@ -220,5 +291,6 @@ def parse(argv: list[str], environ: Mapping[str, str] | None = None) -> SidecarC
         max_snapshot_bytes=args.max_snapshot_bytes,
         retain_dead_s=_positive("--retain-dead", args.retain_dead, 0, 86400 * 7),
         page_refresh_s=_positive("--page-refresh", args.page_refresh, 0.2, 3600),
+        trace_url_template=_trace_url_template(args, environ),
         log_level=args.log_level,
     )

@@ -1,7 +1,8 @@
 // pool-monitor live page: polls /api/pools and /api/checkouts and renders two tables.
 // No framework, no CDN: it must work in an air-gapped cluster behind kubectl port-forward.
-// Every value is put in the DOM with textContent, never as HTML: code sites, thread
-// names and query text come from the application and must not become markup.
+// Every value is put in the DOM with textContent (attributes with setAttribute), never as
+// HTML: code sites, thread names and query text come from the application and must not
+// become markup.
 (function () {
   "use strict";
   var refreshMs = parseInt(document.body.getAttribute("data-refresh-ms"), 10) || 2000;
@@ -43,6 +44,33 @@
     td.textContent = text === null || text === undefined ? "–" : String(text);
     if (cls) td.className = cls;
     row.appendChild(td);
+    return td;
+  }
+
+  // The hold's OpenTelemetry trace: its first 8 hex digits (the whole id on hover), a link
+  // to the tracing backend when the sidecar has --trace-url-template. The schema admits
+  // only lowercase hex ids and the sidecar only http(s) templates; checked again here, so
+  // that nothing else can become a link (no javascript: URL) or odd text.
+  var TRACE_ID = /^[0-9a-f]{32}$/;
+  var SAFE_URL = /^https?:\/\//i;
+
+  function traceCell(row, hold) {
+    var td = cell(row, "", "trace");
+    var id = hold.trace_id;
+    if (typeof id !== "string" || !TRACE_ID.test(id)) return td;
+    var url = hold.trace_url;
+    var el;
+    if (typeof url === "string" && SAFE_URL.test(url)) {
+      el = document.createElement("a");
+      el.setAttribute("href", url);
+      el.setAttribute("target", "_blank");
+      el.setAttribute("rel", "noopener noreferrer");
+    } else {
+      el = document.createElement("span");
+    }
+    el.setAttribute("title", id);
+    el.textContent = id.slice(0, 8);
+    td.appendChild(el);
     return td;
   }
 
@@ -118,6 +146,7 @@
       }
       cell(tr, h.pending ? "(details pending)" : h.site, "site");
       cell(tr, h.task ? h.thread + " / " + h.task : h.thread);
+      traceCell(tr, h);
       cell(tr, h.backend_pid, "num");
       // A server row is shown only when it describes this hold; else why not (hover).
       var state = cell(tr, h.server_unknown ? "?" : h.server_state);

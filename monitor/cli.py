@@ -47,6 +47,10 @@ COMMANDS: dict[str, Command] = {
         "monitor.sidecar.cli:main",
         "needs the sidecar extra: pip install 'pool-monitor[sidecar]'",
     ),
+    "advise": Command(
+        "pool sizing advice (Erlang C) for every pool, from Prometheus",
+        "monitor.advise:main",
+    ),
     "bench": Command("measure instrumentation cost per checkout cycle", "monitor.bench:main"),
     "bench-live": Command(
         "measure what the live-hold document costs a worker (CPU %% of one core)",

@@ -26,6 +26,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from monitor.sidecar import api
+from monitor.sidecar.advice import advice_document
 from monitor.sidecar.auth import COOKIE, cookie_value
 from monitor.sidecar.runtime import Sidecar
 
@@ -127,6 +128,11 @@ def create_app(sidecar: Sidecar, manage: bool = True) -> Starlette:
     async def pools(request: Request) -> Response:
         return refused(request, False) or json_response(api.pools(sidecar.view, sidecar.pg.view))
 
+    async def advice(request: Request) -> Response:
+        return refused(request, False) or json_response(
+            advice_document(sidecar.advice, sidecar.pg.view)
+        )
+
     async def checkouts(request: Request) -> Response:
         refusal = refused(request, False)
         if refusal is not None:
@@ -184,6 +190,7 @@ def create_app(sidecar: Sidecar, manage: bool = True) -> Starlette:
             Route("/login", login, methods=["POST"]),
             Route("/api/pools", pools),
             Route("/api/checkouts", checkouts),
+            Route("/api/advice", advice),
             Route("/metrics", metrics),
             Route("/healthz", healthz),
             Route("/readyz", readyz),

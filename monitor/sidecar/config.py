@@ -48,6 +48,10 @@ class SidecarConfig:
     page_refresh_s: float = 2.0
     #: `https://…/{trace_id}…`: link each hold's trace id (None: ids shown, not linked)
     trace_url_template: str | None = None
+    #: Sizing advice (`/api/advice`): the window it is computed over, and its target.
+    advice_window_s: float = 300.0
+    advice_target_p_wait: float = 0.01
+    advice_target_wait_s: float = 0.005
     log_level: str = "INFO"
 
 
@@ -208,6 +212,29 @@ def build_parser() -> argparse.ArgumentParser:
         f"{{span_id}}, e.g. https://tempo.example/trace/{{trace_id}} (also "
         f"${TRACE_URL_ENV}; default: ids shown, not linked)",
     )
+    p.add_argument(
+        "--advice-window",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="sizing advice (/api/advice, pool_monitor_advice_*) is computed over the last "
+        "this many seconds of merged counts (default 300)",
+    )
+    p.add_argument(
+        "--advice-target-p-wait",
+        type=float,
+        default=0.01,
+        metavar="SHARE",
+        help="the recommended pool size keeps the probability that a checkout waits below "
+        "this (default 0.01)",
+    )
+    p.add_argument(
+        "--advice-target-wait-ms",
+        type=float,
+        default=5.0,
+        metavar="MS",
+        help="and the mean wait per checkout below this many milliseconds (default 5)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -292,5 +319,13 @@ def parse(argv: list[str], environ: Mapping[str, str] | None = None) -> SidecarC
         retain_dead_s=_positive("--retain-dead", args.retain_dead, 0, 86400 * 7),
         page_refresh_s=_positive("--page-refresh", args.page_refresh, 0.2, 3600),
         trace_url_template=_trace_url_template(args, environ),
+        advice_window_s=_positive("--advice-window", args.advice_window, 10, 86_400),
+        advice_target_p_wait=_positive(
+            "--advice-target-p-wait", args.advice_target_p_wait, 0.0001, 0.5
+        ),
+        advice_target_wait_s=_positive(
+            "--advice-target-wait-ms", args.advice_target_wait_ms, 0.01, 60_000
+        )
+        / 1000.0,
         log_level=args.log_level,
     )

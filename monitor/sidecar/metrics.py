@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from monitor.exporters.prometheus import families
 from monitor.exporters.samples import lock_samples, pool_samples
+from monitor.sidecar.advice import AdviceCollector, AdviceWindow
 from monitor.sidecar.aggregate import View
 from monitor.sidecar.postgres import PostgresCollector
 
@@ -219,10 +220,13 @@ class Registries:
         view: Callable[[], View],
         pg: PostgresCollector,
         scans: Callable[[], tuple[int, float]] = no_scans,
+        advice: AdviceWindow | None = None,
     ) -> None:
         self.data = CollectorRegistry(auto_describe=False)
         self.data.register(MergedPoolsCollector(view))
         self.data.register(PostgresMetrics(pg))
+        if advice is not None:
+            self.data.register(AdviceCollector(advice))
         self.health = CollectorRegistry(auto_describe=False)
         self.health.register(HealthCollector(view, pg, scans))
 

@@ -13,11 +13,13 @@ import threading
 import time
 from typing import Any
 
+from monitor.sidecar.advice import AdviceWindow
 from monitor.sidecar.aggregate import EMPTY, Aggregator, View
 from monitor.sidecar.auth import Access
 from monitor.sidecar.config import SidecarConfig
 from monitor.sidecar.metrics import Registries
 from monitor.sidecar.postgres import PostgresCollector
+from monitor.sizing import Target
 
 log = logging.getLogger("monitor.sidecar")
 
@@ -39,7 +41,11 @@ class Sidecar:
             show_query_text=config.show_query_text,
             query_text_limit=config.query_text_limit,
         )
-        self.registries = Registries(lambda: self.view, self.pg, self.scan_health)
+        self.advice = AdviceWindow(
+            config.advice_window_s,
+            Target(config.advice_target_p_wait, config.advice_target_wait_s),
+        )
+        self.registries = Registries(lambda: self.view, self.pg, self.scan_health, self.advice)
         self.access = Access(config.auth_token_file, config.listen_host, config.insecure_api)
         self.scanned = self.aggregator is None
         self._stop = threading.Event()
@@ -55,6 +61,7 @@ class Sidecar:
             return self.view
         try:
             self.view = self.aggregator.scan()
+            self.advice.record(self.view)
             self._scanned_ok()
         except Exception:  # keep serving the last view; say so once per streak
             self._scan_failed("scanning %s failed; serving the previous view")

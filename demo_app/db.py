@@ -11,6 +11,11 @@ Pools, as the seed (002) draws them:
 
 Each engine sets `application_name=demo-<pool>`, so PostgreSQL's `pg_stat_activity` (and
 the sidecar's PostgreSQL collector) splits connections the same way the pool metrics do.
+
+The monitor records the OpenTelemetry span current at each checkout (its default), and,
+with `trace_pool_wait`, adds a `pool.wait` span to every checkout made under a sampled
+trace: when the service is traced (`demo_app.traces`), the requests an exhausted pool makes
+wait, or time out, show that wait in their trace.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class Database:
                     engine,
                     pool_name=name,
                     long_held_threshold=settings.long_held_threshold_s,
+                    trace_pool_wait=True,
                 )
 
     def engines(self) -> dict[str, AsyncEngine | Engine]:

@@ -3,7 +3,8 @@
 pool-monitor reports a connection held past its threshold (logger `monitor.long_held`) and
 a connection used from two threads (`monitor.misuse`) as log records whose `extra` fields
 carry the structure: `pool`, `site`, `stack` (where the holder is *now*, innermost frame
-last), `age_s`, `checkout_site`, `use_site`, … A text log keeps only the message, so the
+last), `age_s`, `checkout_site`, `use_site`, `trace_id`/`span_id` (the OpenTelemetry span
+the connection was checked out under), … A text log keeps only the message, so the
 service also writes every record of the `monitor` loggers, one JSON object a line, to the
 file named by `DEMO_MONITOR_EVENTS` (`DemoStack` sets it to `<log_dir>/monitor-events.jsonl`).
 The runner reads them back and puts the alerts, stacks included, in the report.
@@ -45,6 +46,8 @@ FIELDS = (
     "other_thread",
     "checkout_site",
     "use_site",
+    "trace_id",
+    "span_id",
 )
 
 

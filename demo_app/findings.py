@@ -14,7 +14,11 @@ merged as the sidecar merges them, after minus before; log records by their time
 * **misuse**: `monitor.misuse` warnings and the `cross_thread_uses` / `concurrent_uses`
   counters (a connection used from two threads, seed 000);
 * **lock contention**: `monitor.lock`'s `app.lock.wait_time` / `hold_time` histograms
-  (seed 001's session store).
+  (seed 001's session store);
+* **the slowest hold and its trace**: the OpenTelemetry trace id the monitor recorded at
+  the slowest checkout of the window, confirmed against the service's span files
+  (`demo_app.traces`): the request's SERVER span and the `pool.wait` span of that checkout.
+  `slowest_hold()` says where it comes from and why.
 
 `collect()` adds them to each variant's figures (`figures["findings"]`, so report.json has
 them); `sections()` turns a scenario's findings into tables that the terminal (rich) and
@@ -33,7 +37,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from demo_app import events, snapshots
+from demo_app import events, snapshots, traces
 from demo_app.tables import _num, _seconds, _share
 
 LONG_HELD_EVENTS = "sqlalchemy.pool.long_held_events"
@@ -225,15 +229,193 @@ def variant_findings(
     }
 
 
+#: A long-held warning and the record of the same hold's return may be logged in either
+#: order (the watchdog marks a hold alerted, then logs; the holder may return in between).
+PAIRING_SLACK_S = 0.1
+#: Fields that tell one hold's records from another's, when both records have them.
+_HOLD_FIELDS = ("pid", "pool", "backend_pid", "site", "thread_name", "task_name", "span_id")
+
+
+def _same_hold(warning: Mapping[str, Any], returned: Mapping[str, Any]) -> bool:
+    return all(
+        warning.get(k) is None or returned.get(k) is None or warning.get(k) == returned.get(k)
+        for k in _HOLD_FIELDS
+    )
+
+
+def pair_returns(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records, each long-held warning with `returned_held_s`: how long that hold
+    lasted in all, from the INFO record the monitor logs when an alerted connection comes
+    back (None while it had not). The INFO record names no trace, so it is paired by the
+    hold's fields: process, pool, backend pid (one connection serves one hold at a time),
+    site, thread and task; the first unpaired return of the same hold at or after the
+    warning (less `PAIRING_SLACK_S`)."""
+    out = [dict(r) for r in records]
+    out.sort(key=lambda r: r["time"])
+    returns = [
+        i
+        for i, r in enumerate(out)
+        if r.get("logger") == events.LONG_HELD and isinstance(r.get("held_s"), (int, float))
+    ]
+    used: set[int] = set()
+    for r in out:
+        if r.get("logger") != events.LONG_HELD or r.get("level") != "WARNING":
+            continue
+        r["returned_held_s"] = None
+        for i in returns:
+            back = out[i]
+            if i in used or back["time"] < r["time"] - PAIRING_SLACK_S or not _same_hold(r, back):
+                continue
+            used.add(i)
+            r["returned_held_s"] = float(back["held_s"])
+            break
+    return out
+
+
+def _hold_candidates(
+    records: Sequence[dict[str, Any]],
+    exemplars: Sequence[dict[str, Any]],
+    pools: Sequence[str],
+    started: float,
+    ended: float,
+) -> list[dict[str, Any]]:
+    out = []
+    for r in records:
+        if r.get("logger") != events.LONG_HELD or r.get("level") != "WARNING" or "age_s" not in r:
+            continue
+        total = r.get("returned_held_s")
+        out.append(
+            {
+                "source": "long_held",
+                "pool": r.get("pool"),
+                "site": r.get("site"),
+                "held_s": float(total) if total is not None else float(r["age_s"]),
+                "returned": total is not None,
+                "trace_id": r.get("trace_id"),
+                "span_id": r.get("span_id"),
+                "checked_out_at": float(r["time"]) - float(r["age_s"]),
+                "pid": r.get("pid"),
+            }
+        )
+    for e in exemplars:
+        at = e.get("timestamp")
+        if (
+            e.get("histogram") != snapshots.USE_TIME
+            or e.get("pool") not in pools
+            or not isinstance(at, (int, float))
+            or not started <= at <= ended + GRACE_S
+        ):
+            continue
+        out.append(
+            {
+                "source": "exemplar",
+                "pool": e["pool"],
+                "site": None,
+                "held_s": float(e["value"]),
+                "returned": True,
+                "trace_id": e.get("trace_id"),
+                "span_id": e.get("span_id"),
+                "checked_out_at": float(at) - float(e["value"]),
+                "pid": e.get("pid"),
+            }
+        )
+    return out
+
+
+def top_bucket(
+    histograms: Mapping[str, snapshots.Histogram | None],
+) -> tuple[float, float | None] | None:
+    """`(lower, upper)` bounds of the highest non-empty bucket over `histograms` (upper
+    None for +Inf), or None if they are all empty."""
+    top: tuple[float, float | None] | None = None
+    for hist in histograms.values():
+        if not hist or not hist.get("count"):
+            continue
+        bounds, counts = hist["bounds"], hist["counts"]
+        i = max(i for i, n in enumerate(counts) if n > 0)
+        lower = float(bounds[i - 1]) if i > 0 else 0.0
+        upper = float(bounds[i]) if i < len(bounds) else None
+        if top is None or lower > top[0]:
+            top = (lower, upper)
+    return top
+
+
+def slowest_hold(
+    records: Sequence[dict[str, Any]],
+    exemplars: Sequence[dict[str, Any]],
+    pools: Sequence[str],
+    started: float,
+    ended: float,
+    spans: traces.SpanIndex | None = None,
+    use_time: Mapping[str, snapshots.Histogram | None] | None = None,
+) -> dict[str, Any] | None:
+    """The window's slowest hold, with the trace id the monitor recorded at its checkout.
+
+    Two sources, and the slower hold wins:
+
+    * the `monitor.long_held` warnings (`records`, after `pair_returns`): the primary one.
+      Every hold past the threshold is logged, by the worker that saw it, into a file the
+      runner reads whole: nothing is sampled, polled or replaced, and the warning's
+      `trace_id` is the checkout's. Its duration is the hold's total from its return
+      record (the age at the alert, a lower bound, while it had not come back).
+    * the use-time histogram's exemplars (`exemplars`, every one the sampler saw, with a
+      timestamp, the hold's end, inside the window, on the window's `pools`): they cover
+      what the warnings cannot, the variants whose holds never reach the threshold (the
+      fixes). They are weaker as a source: only holds under a sampled span have one, and
+      each bucket keeps one, its slowest of the last `exemplar_window` (15 s): a slower
+      hold of the *previous* window in the same bucket keeps this window's out of it
+      (lost_update's variants run a fraction of a second apart); hence second.
+
+    `use_time` (pool → the window's use-time histogram) tells whether the hold found is
+    the slowest: if the window's top bucket lies above it, the slowest hold left no
+    exemplar of this window, and `slowest_bucket_s` gives that bucket's bounds (then the
+    hold shown is the slowest *traced one seen*). The same hold seen both ways keeps the
+    warning's code site. A long hold without a trace id (checked out where no span was
+    current) is still the slowest hold, and says so, rather than giving way to a shorter
+    traced one. With `spans`, the trace is looked up in the span files
+    (`traces.SpanIndex.describe`)."""
+    candidates = _hold_candidates(records, exemplars, pools, started, ended)
+    if not candidates:
+        return None
+    ranked = sorted(candidates, key=lambda c: (-c["held_s"], c["source"] != "long_held"))
+    best = dict(ranked[0])
+    sources = [best["source"]]
+    for other in ranked[1:]:
+        if (
+            other["source"] != best["source"]
+            and best["trace_id"]
+            and other["trace_id"] == best["trace_id"]
+            and other["span_id"] == best["span_id"]
+            and other["pool"] == best["pool"]
+            and abs(other["checked_out_at"] - best["checked_out_at"]) <= PAIRING_SLACK_S
+        ):
+            sources.append(other["source"])
+            best["site"] = best["site"] or other["site"]
+    best["sources"] = sorted(sources)
+    del best["source"]
+    top = top_bucket(use_time or {})
+    best["slowest_bucket_s"] = list(top) if top and best["held_s"] <= top[0] else None
+    if spans is not None and best["trace_id"]:
+        best["trace"] = spans.describe(
+            best["trace_id"], best["span_id"], best["pool"], best["checked_out_at"]
+        )
+    else:
+        best["trace"] = None
+    return best
+
+
 def split_records(
-    records: Sequence[dict[str, Any]], windows: Mapping[str, Any]
+    records: Sequence[dict[str, Any]], windows: Mapping[str, Any], time_key: str = "time"
 ) -> dict[str, list[dict[str, Any]]]:
     """Each record to the window (label → `Measured`) it fell in: the latest one that had
-    started by then, if the record is no later than its end (+ `GRACE_S`)."""
+    started by then, if the record is no later than its end (+ `GRACE_S`). Records are
+    timed by `time_key` (an exemplar's is `timestamp`, when its hold ended)."""
     ordered = sorted(windows.items(), key=lambda kv: kv[1].started)
     out: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in ordered}
     for r in records:
-        t = r["time"]
+        t = r.get(time_key)
+        if not isinstance(t, (int, float)):
+            continue
         started = [(label, w) for label, w in ordered if w.started <= t]
         if started and t <= started[-1][1].ended + GRACE_S:
             out[started[-1][0]].append(r)
@@ -244,18 +426,41 @@ def collect(
     results: dict[str, dict[str, Any]],
     windows: Mapping[str, Any],
     records: Sequence[dict[str, Any]],
+    exemplars: Sequence[dict[str, Any]] = (),
+    spans: traces.SpanIndex | None = None,
 ) -> None:
-    """Add `findings` to every variant's figures that has a measured window."""
-    by_window = split_records(records, windows)
+    """Add `findings` to every variant's figures that has a measured window: `records`
+    are the monitor's log records (`events.read`), `exemplars` the sampler's
+    (`MonitorSampler.exemplars`), `spans` the service's span files (`traces.read`)."""
+    by_window = split_records(pair_returns(records), windows)
+    # Each exemplar to one window, as the records: a window's grace must not take in the
+    # next one's (lost_update's windows are a fraction of a second apart).
+    exemplars_by_window = split_records(exemplars, windows, "timestamp")
+    starts = sorted(w.started for w in windows.values())
     for scenario, variants in results.items():
         if "error" in variants:
             continue
         for variant, figures in variants.items():
             label = f"{scenario}/{variant}"
-            if label in windows and isinstance(figures, dict):
-                figures["findings"] = variant_findings(
-                    windows[label].pools, by_window.get(label, []), figures
-                )
+            if label not in windows or not isinstance(figures, dict):
+                continue
+            window = windows[label]
+            found = variant_findings(window.pools, by_window.get(label, []), figures)
+            found["slowest_hold"] = slowest_hold(
+                by_window.get(label, []),
+                exemplars_by_window.get(label, []),
+                list(window.pools),
+                window.started,
+                window.ended,
+                spans,
+                {p: snapshots.histogram(d, snapshots.USE_TIME) for p, d in window.pools.items()},
+            )
+            # Waits that started in the window (or its grace, up to the next window).
+            until = min([window.ended + GRACE_S, *(t for t in starts if t > window.started)])
+            found["pool_wait_spans"] = (
+                spans.pool_waits(window.started, until, window.pools) if spans else None
+            )
+            figures["findings"] = found
 
 
 # --- tables (terminal and report.md) ----------------------------------------------------
@@ -443,6 +648,85 @@ def _lock_section(found: list[tuple[str, dict[str, Any]]]) -> Section | None:
     return section
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3g} ms" if seconds < 1 else _seconds(seconds)
+
+
+def _trace_lines(hold: dict[str, Any]) -> list[Line]:
+    """What the span files hold of the slowest hold's trace."""
+    found = hold.get("trace")
+    if found is None:
+        return ["span files not read"]
+    if not found.get("in_span_file"):
+        return ["not in the span files"]
+    lines: list[Line] = []
+    server, holder = found.get("server_span"), found.get("holder_span")
+    if server:
+        status = server.get("status_code")
+        lines.append(Code(server["name"] + (f" → {status}" if status is not None else "")))
+    if holder and (not server or holder["span_id"] != server["span_id"]):
+        lines.append(Code(f"in {holder['name']}"))
+    wait = found.get("pool_wait")
+    if wait:
+        timed_out = f", failed: {wait['error']}" if wait.get("error") else ""
+        lines.append(f"{traces.POOL_WAIT} {_ms(wait['wait_s'])}{timed_out}")
+    else:
+        lines.append(f"no {traces.POOL_WAIT} span")
+    return lines
+
+
+def _bucket(bounds: Sequence[float | None]) -> str:
+    lower, upper = float(bounds[0] or 0.0), bounds[1]
+    return f"{_ms(lower)}–{_ms(upper)}" if upper is not None else f"over {_ms(lower)}"
+
+
+#: The slowest-hold table's last column.
+SLOWEST_WHERE = "checked out at → the trace in the span files"
+
+
+def _slowest_section(found: list[tuple[str, dict[str, Any]]]) -> Section | None:
+    if not any(f.get("slowest_hold") or ("slowest_hold" in f and f["sites"]) for _, f in found):
+        return None  # no checkout in any variant (session_store), or not collected
+    several = len(_pools(found)) > 1
+    section = Section(
+        "pool-monitor: slowest hold and its trace",
+        ["variant", *(["pool"] if several else []), "held", "trace id", SLOWEST_WHERE],
+        note="The slowest hold of each variant, with the OpenTelemetry trace id the monitor "
+        "recorded at its checkout: from the `monitor.long_held` warnings (`trace_id`) and, "
+        "where no hold reached the threshold, the use-time histogram's exemplars (which "
+        "name no code site); confirmed in the service's span files "
+        "(`logs/spans-<pid>.jsonl`): the request's server span (and the job's span) and "
+        "the `pool.wait` span of that checkout.",
+    )
+    for variant, f in found:
+        hold = f.get("slowest_hold")
+        if not hold:
+            section.rows.append([variant, *(["–"] if several else []), "–", "no traced hold", ""])
+            continue
+        held = _seconds(hold["held_s"])
+        where: list[Line] = [
+            Code(hold["site"]) if hold.get("site") else "(exemplar: no code site)",
+            "→",
+        ]
+        where += _trace_lines(hold) if hold.get("trace_id") else ["no span at checkout"]
+        if hold.get("slowest_bucket_s"):
+            where.append(
+                f"(the slowest traced hold seen: the slowest, "
+                f"{_bucket(hold['slowest_bucket_s'])}, left no exemplar of this window: "
+                "untraced, or its bucket kept an earlier, slower one)"
+            )
+        section.rows.append(
+            [
+                variant,
+                *([hold["pool"]] if several else []),
+                held if hold["returned"] else f"≥ {held}",
+                Code(hold["trace_id"]) if hold.get("trace_id") else "untraced",
+                where,
+            ]
+        )
+    return section
+
+
 def sections(figures: dict[str, Any], threshold_s: float | None = None) -> list[Section]:
     """The monitor's tables for one scenario: one row per variant and finding."""
     found = _variants(figures)
@@ -451,6 +735,7 @@ def sections(figures: dict[str, Any], threshold_s: float | None = None) -> list[
     built = [
         _sites_section(found),
         _long_held_section(found, threshold_s),
+        _slowest_section(found),
         _misuse_section(found),
         _lock_section(found),
     ]
@@ -511,6 +796,8 @@ def rich_section(section: Section) -> Table | Text:
             table.add_column(header, justify="right", no_wrap=True)
         elif header == "code site" or "→" in header:
             table.add_column(header, style="cyan", overflow="fold")
+        elif header == "trace id":  # whole, to copy
+            table.add_column(header, no_wrap=True, min_width=32)
         else:
             table.add_column(header, max_width=18)
     current = None

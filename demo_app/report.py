@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from demo_app import findings
+from demo_app import findings, traces
 from demo_app.checks import Check
 from demo_app.scenarios import SCENARIOS
 from demo_app.tables import markdown_table
@@ -56,7 +56,9 @@ def render_markdown(report: dict[str, Any], checks: list[Check]) -> str:
         "snapshots over the variant's window, merged as the sidecar merges them, and from "
         "the monitor's own log records (`monitor.long_held`, `monitor.misuse`, written by "
         "the service to `logs/monitor-events.jsonl`) — then the app's own numbers (clients "
-        "and database).",
+        "and database). The service is traced with OpenTelemetry (service "
+        f"`{traces.SERVICE_NAME}`): each worker writes its finished spans to "
+        "`logs/spans-<pid>.jsonl`, and the slowest hold of each variant names its trace.",
     ]
     threshold = report["settings"].get("long_held_threshold_s")
     for name, figures in report["scenarios"].items():

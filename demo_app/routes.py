@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from demo_app import lock_metrics, snapshots
+from demo_app import lock_metrics, snapshots, traces
 from demo_app.scenarios import (
     SCENARIOS,
     duplicate_rows,
@@ -89,7 +89,13 @@ async def index(request: Request) -> JSONResponse:
                 name: {"seed": s.seed, "variants": list(s.variants), "summary": s.summary}
                 for name, s in SCENARIOS.items()
             },
-            "see": ["/metrics", "/demo/monitor", "/healthz", "demo_app/README.md"],
+            "see": [
+                "/metrics",
+                "/demo/monitor",
+                "/demo/traces/{trace_id}",
+                "/healthz",
+                "demo_app/README.md",
+            ],
         }
     )
 
@@ -109,6 +115,21 @@ async def demo_monitor(request: Request) -> JSONResponse:
             "jobs": state.jobs.as_dict(),
         }
     )
+
+
+async def demo_trace(request: Request) -> JSONResponse:
+    """One trace's spans from every worker's span file, oldest first (404 if none): what a
+    trace id in the report, the logs or the sidecar's page leads to while the demo serves."""
+    trace_id = request.path_params["trace_id"].lower()
+    if len(trace_id) != 32 or not all(c in "0123456789abcdef" for c in trace_id):
+        raise HTTPException(400, "a trace id is 32 hex digits")
+    directory = _state(request).settings.traces_dir
+    if not directory:
+        raise HTTPException(404, "this service is not traced (no traces_dir)")
+    spans = await run_in_threadpool(traces.read, directory, trace_id)
+    if not spans:
+        raise HTTPException(404, f"no span of trace {trace_id} in {directory}")
+    return JSONResponse({"trace_id": trace_id, "spans": spans})
 
 
 # --- external_call (seed 002) -------------------------------------------------------------
@@ -319,6 +340,7 @@ def routes() -> list[BaseRoute]:
         Route("/", index),
         Route("/healthz", healthz),
         Route("/demo/monitor", demo_monitor),
+        Route("/demo/traces/{trace_id}", demo_trace),
         Route("/external_call/{variant}/images", external_call_image, methods=["POST"]),
         Route("/pool_isolation/{variant}/jobs", pool_isolation_job, methods=["POST"]),
         Route("/pool_isolation/{variant}/jobs/recent", pool_isolation_recent),

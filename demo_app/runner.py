@@ -4,9 +4,10 @@ Starts PostgreSQL (embedded unless `DATABASE_URL` is set), recreates the demo ta
 starts the fake external service, the demo service (two uvicorn workers) and the sidecar
 when it is installed; drives each scenario with the async load generator while sampling
 the pools; prints, per scenario, what pool-monitor saw (code sites by hold time, long-held
-alerts with the holder's stack, misuse, lock contention) next to the app's own numbers;
-writes report.json, report.md and PNG charts, and lists them last; then keeps serving
-(unless `--no-serve`) so Prometheus and Grafana can look, until Ctrl-C.
+alerts with the holder's stack, the slowest hold's trace id, misuse, lock contention) next
+to the app's own numbers; writes report.json, report.md and PNG charts, and lists them
+last; then keeps serving (unless `--no-serve`) so Prometheus and Grafana can look, until
+Ctrl-C.
 
 Exit status: 0 when every claim held, 1 when one did not, 2 when the demo could not run.
 """
@@ -27,7 +28,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from demo_app import charts, drivers, events, findings
+from demo_app import charts, drivers, events, findings, traces
 from demo_app.checks import Check, evaluate
 from demo_app.embedded_pg import postgres_url
 from demo_app.plan import FULL, QUICK, Plan
@@ -141,7 +142,13 @@ async def drive_all(
         stop.set()
         await background
         await sampler.close()
-    findings.collect(results, ctx.windows, events.read(stack.events_path))
+    findings.collect(
+        results,
+        ctx.windows,
+        events.read(stack.events_path),
+        sampler.exemplars,
+        traces.SpanIndex.of(traces.read(stack.traces_dir)),
+    )
     return results, sampler
 
 
@@ -247,6 +254,7 @@ def _print_urls(console: Console, stack: DemoStack, report_dir: Path) -> None:
         f"  its metrics       {stack.service_url}/metrics   (one worker per scrape)\n"
         f"  sidecar           {stack.sidecar_url or '–'}   {stack.sidecar_note}\n"
         f"  fake external API {stack.external_url}/stats\n"
+        f"  a trace's spans   {stack.service_url}/demo/traces/<trace id>\n"
         f"  report            {report_dir / 'report.md'}\n\n"
         "Prometheus: add to prometheus.yml\n"
         "  scrape_configs:\n"
@@ -336,6 +344,15 @@ def _demo(
             "workers": stack.workers,
             "settings": _settings_summary(stack.settings),
             "sidecar": {"url": stack.sidecar_url, "note": stack.sidecar_note},
+            "traces": {
+                "service_name": traces.SERVICE_NAME,
+                "span_files": sorted(
+                    str(p.relative_to(report_dir.resolve()))
+                    if p.is_relative_to(report_dir.resolve())
+                    else str(p)
+                    for p in stack.traces_dir.glob(traces.SPAN_FILE_GLOB)
+                ),
+            },
             "duration_s": time.monotonic() - started,
             "scenarios": results,
         }

@@ -6,7 +6,10 @@ connection each time (no keep-alive, so the kernel spreads them over the workers
 the latest answer per worker pid, and merges them. `fresh(after=t)` waits until every
 worker has answered since `t`: that is how a variant's "after" snapshot is known to include
 all of its requests. The same polling, run in the background, gives the pool-usage
-timeline for the chart.
+timeline for the chart, and every exemplar the workers' histograms showed
+(`exemplars`): each bucket keeps its slowest traced observation for the monitor's
+`exemplar_window` (15 s) unless a slower one replaces it, so polls ten times a second see
+each one, and the report finds each variant's slowest traced hold among them.
 """
 
 from __future__ import annotations
@@ -44,6 +47,23 @@ class Span:
     end: float | None = None
 
 
+#: The histograms whose exemplars are kept.
+EXEMPLAR_HISTOGRAMS = (snapshots.USE_TIME, snapshots.WAIT_TIME)
+
+
+def exemplars_of(sample: WorkerSample) -> list[dict[str, Any]]:
+    """The exemplars in one worker's snapshot, flattened: pool, histogram, pid, value,
+    timestamp (unix), trace_id, span_id."""
+    out = []
+    for pool, snap in sample.pools.items():
+        for name in EXEMPLAR_HISTOGRAMS:
+            hist = (snap.get("histograms") or {}).get(name) or {}
+            for exemplar in hist.get("exemplars") or ():
+                if isinstance(exemplar, dict) and exemplar.get("trace_id"):
+                    out.append({"pool": pool, "histogram": name, "pid": sample.pid, **exemplar})
+    return out
+
+
 @dataclass
 class MonitorSampler:
     base_url: str
@@ -51,6 +71,9 @@ class MonitorSampler:
     latest: dict[int, WorkerSample] = field(default_factory=dict)
     timeline: list[TimelinePoint] = field(default_factory=list)
     spans: list[Span] = field(default_factory=list)
+    #: Every distinct exemplar seen (see `exemplars_of`), oldest first.
+    exemplars: list[dict[str, Any]] = field(default_factory=list)
+    _seen: set[tuple[Any, ...]] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         self._http = httpx.AsyncClient(
@@ -72,8 +95,17 @@ class MonitorSampler:
             return None
         sample = WorkerSample(int(data["pid"]), float(data["time"]), data["pools"], data["jobs"])
         self.latest[sample.pid] = sample
+        self.keep_exemplars(sample)
         self.timeline.append(TimelinePoint(sample.time, self.gauges()))
         return sample
+
+    def keep_exemplars(self, sample: WorkerSample) -> None:
+        for exemplar in exemplars_of(sample):
+            key = tuple(exemplar.get(k) for k in ("pid", "pool", "histogram", "span_id"))
+            key += (exemplar.get("timestamp"), exemplar.get("value"))
+            if key not in self._seen:
+                self._seen.add(key)
+                self.exemplars.append(exemplar)
 
     async def fresh(self, after: float | None = None, timeout_s: float = 15.0) -> bool:
         """Poll until `workers` workers answered at or after `after` (default: now)."""

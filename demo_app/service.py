@@ -10,6 +10,11 @@ monitor's long-held and misuse records are also written there as JSON lines, wit
 structured fields (`demo_app.events`). Errors the scenarios are *meant* to produce map to the
 status codes a real service would return: a pool timeout is a 503, a failing external
 call a 502, the duplicate-row error a 500 that names `MultipleResultsFound`.
+
+With `DemoSettings.traces_dir` set (`DemoStack` sets it), each worker runs an OpenTelemetry
+SDK tracer and opens a SERVER span per request, continuing an incoming `traceparent`;
+finished spans go to `<traces_dir>/spans-<pid>.jsonl` (`demo_app.traces`), and
+`/demo/traces/{trace_id}` returns one trace's spans from every worker's file.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount
 
 import monitor
-from demo_app import events
+from demo_app import events, traces
 from demo_app.routes import routes
 from demo_app.scenarios import session_store
 from demo_app.scenarios.idempotent_payment import PaymentRejected
@@ -64,6 +69,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 def create_app(settings: DemoSettings | None = None) -> Starlette:
     """The demo service; `settings` default to `DemoSettings.from_env()`."""
     resolved = settings or DemoSettings.from_env()
+    served = [*routes(), Mount("/metrics", app=monitor.metrics_app())]
+    # The tracer first: the engines (created in the lifespan) may check out under a span.
+    tracing = traces.setup(resolved.traces_dir) if resolved.traces_dir else None
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -76,9 +84,12 @@ def create_app(settings: DemoSettings | None = None) -> Starlette:
                 yield
             finally:
                 await app.state.demo.close()
+                if tracing is not None:
+                    tracing.close()
 
     return Starlette(
-        routes=[*routes(), Mount("/metrics", app=monitor.metrics_app())],
+        routes=served,
+        middleware=[traces.middleware(served, tracing)] if tracing else [],
         lifespan=lifespan,
         exception_handlers={
             PoolTimeoutError: _pool_timeout,

@@ -44,6 +44,9 @@ class DemoSettings:
     shared_pool: PoolSpec = field(default_factory=lambda: _shared_pool(DEFAULT_LATENCY_S))
     worker_pool: PoolSpec = field(default_factory=lambda: PoolSpec("worker", 5, 5, 10.0))
     long_held_threshold_s: float = DEFAULT_LATENCY_S / 2
+    #: Where each worker writes its finished spans (`spans-<pid>.jsonl`, see
+    #: `demo_app.traces`); None: no tracer, no span (`DemoStack` sets its log directory).
+    traces_dir: str | None = None
 
     @classmethod
     def scaled(cls, database_url: str, external_url: str, latency_s: float) -> DemoSettings:
@@ -74,7 +77,8 @@ class DemoSettings:
         """Settings from `POOL_MONITOR_DEMO_SETTINGS` (set by the runner) or plain variables.
 
         Without the JSON variable, `DATABASE_URL`, `DEMO_EXTERNAL_URL` and
-        `DEMO_EXTERNAL_LATENCY_S` are enough to run the service by hand under uvicorn.
+        `DEMO_EXTERNAL_LATENCY_S` are enough to run the service by hand under uvicorn
+        (`DEMO_TRACES_DIR` to trace it).
         """
         env = os.environ if environ is None else environ
         raw = env.get(ENV_VAR)
@@ -85,11 +89,12 @@ class DemoSettings:
             raise RuntimeError(f"set {ENV_VAR} (the runner does) or DATABASE_URL")
         from demo_app.embedded_pg import as_psycopg_url
 
-        return cls.scaled(
+        scaled = cls.scaled(
             as_psycopg_url(database_url),
             env.get("DEMO_EXTERNAL_URL", "http://127.0.0.1:8701"),
             float(env.get("DEMO_EXTERNAL_LATENCY_S", DEFAULT_LATENCY_S)),
         )
+        return replace(scaled, traces_dir=env.get("DEMO_TRACES_DIR") or None)
 
 
 def _api_pool(latency_s: float) -> PoolSpec:

@@ -5,8 +5,11 @@ points a real Prometheus at the service and the sidecar). It picks ports (prefer
 when free, so URLs are stable for a user's Prometheus, else any free port), starts each
 process with its own log file, waits for health, and stops them all by pid on exit.
 The service's workers write monitor snapshots to a temporary directory the sidecar reads,
-and the monitor's long-held and misuse log records, with their structured fields, to
-`<log_dir>/monitor-events.jsonl` (`events_path`; see `demo_app.events`).
+the monitor's long-held and misuse log records, with their structured fields, to
+`<log_dir>/monitor-events.jsonl` (`events_path`; see `demo_app.events`), and their finished
+OpenTelemetry spans to `<log_dir>/spans-<pid>.jsonl` (`traces_dir`; see `demo_app.traces`).
+When the installed sidecar takes `--trace-url-template`, its live page links each hold's
+trace id to the service's `/demo/traces/{trace_id}` (the spans from those files).
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
 from sqlalchemy.engine import make_url
 
-from demo_app import events, servers
+from demo_app import events, servers, traces
 from demo_app.settings import DemoSettings
 
 
@@ -30,6 +34,20 @@ def sidecar_available() -> bool:
     try:
         return importlib.util.find_spec("monitor.sidecar") is not None
     except (ImportError, ValueError):
+        return False
+
+
+#: The sidecar option that makes its live page link trace ids (when it has it).
+TRACE_URL_OPTION = "--trace-url-template"
+
+
+def sidecar_takes(option: str) -> bool:
+    """True if the installed sidecar's command line has `option`."""
+    try:
+        from monitor.sidecar.config import build_parser
+
+        return option in build_parser()._option_string_actions
+    except Exception:  # an older or broken sidecar: just don't pass it
         return False
 
 
@@ -58,6 +76,8 @@ class DemoStack:
         self.log_dir = log_dir
         #: The monitor's log records from every worker, one JSON object a line.
         self.events_path = (log_dir / "monitor-events.jsonl").resolve()
+        #: Each worker's finished spans, `spans-<pid>.jsonl` (`demo_app.traces`).
+        self.traces_dir = log_dir.resolve()
         self.workers = workers
         self._base_port = base_port
         self._start_sidecar = start_sidecar
@@ -89,6 +109,8 @@ class DemoStack:
 
     def _start(self) -> None:
         self.snapshot_dir = tempfile.mkdtemp(prefix="pool-monitor-snapshots-")
+        for old in self.traces_dir.glob(traces.SPAN_FILE_GLOB):  # a previous run's spans
+            old.unlink(missing_ok=True)
         ext_port = self._port(1)
         self.external_url = f"http://{servers.HOST}:{ext_port}"
         external = servers.start_process(
@@ -99,7 +121,8 @@ class DemoStack:
         self._procs.append(external)
         servers.wait_until_ok(f"{self.external_url}/healthz", 30, external)
 
-        self.settings = DemoSettings.scaled(self.database_url, self.external_url, self.latency_s)
+        scaled = DemoSettings.scaled(self.database_url, self.external_url, self.latency_s)
+        self.settings = replace(scaled, traces_dir=str(self.traces_dir))
         port = self._port(0)
         self.service_url = f"http://{servers.HOST}:{port}"
         service = servers.start_process(
@@ -129,6 +152,8 @@ class DemoStack:
         command += ["--snapshot-dir", self.snapshot_dir, "--listen", f"{servers.HOST}:{port}"]
         # The DSN goes through the environment, not `--postgres-dsn`: arguments show in `ps`,
         # and a DATABASE_URL may carry a password.
+        if sidecar_takes(TRACE_URL_OPTION):  # a real target: the spans this demo wrote
+            command += [TRACE_URL_OPTION, f"{self.service_url}/demo/traces/{{trace_id}}"]
         env = {"POOL_MONITOR_POSTGRES_DSN": libpq_dsn(self.database_url)}
         sidecar = servers.start_process(command, self.log_dir / "sidecar.log", env)
         self._procs.append(sidecar)

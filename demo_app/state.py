@@ -10,12 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from opentelemetry import trace
 
 from demo_app.clients import KEEPALIVE_EXPIRY_S, ImageProcessorClient, PaymentGatewayClient
 from demo_app.db import Database
 from demo_app.settings import DemoSettings
 
 log = logging.getLogger("demo_app.jobs")
+#: The global provider's tracer (a no-op until `demo_app.traces.setup()` sets one).
+tracer = trace.get_tracer("demo_app")
 
 
 @dataclass
@@ -34,8 +37,12 @@ class JobTracker:
             self.in_flight[variant] += 1
 
     async def run(self, variant: str, job: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run a job in a span of its own (`job pool_isolation/<variant>`), a child of the
+        request that queued it: the job outlives the request's span, and its checkouts
+        (and their `pool.wait` spans) belong to it."""
         try:
-            await job(*args)
+            with tracer.start_as_current_span(f"job pool_isolation/{variant}"):
+                await job(*args)
         except Exception as exc:  # a failed job is a figure of the demo, not a crash
             with self._lock:
                 self.failed[variant] += 1

@@ -191,6 +191,9 @@ class PoolMonitor:
                 "thread_name": thread_name(hold.thread),
                 "task_name": task_name(hold.task),
                 "backend_pid": self.backend_pid(hold),
+                "trace_id": None,
+                "span_id": None,
+                **trace_fields(hold),
             },
         )
 

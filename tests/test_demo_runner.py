@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +92,29 @@ def test_quick_run_writes_report_json_markdown_and_charts(
     assert "| shared | cross-thread |" in section or "| shared | concurrent |" in section
     assert (tmp_path / "logs" / "monitor-events.jsonl").exists()
 
+    # Each variant's slowest hold names the request's trace (the increment threads run in
+    # its context), found in the workers' span files: the server span that served it.
+    assert report["traces"]["span_files"] and all(
+        (tmp_path / name).exists() for name in report["traces"]["span_files"]
+    )
+    for figures in lost.values():
+        hold = figures["findings"]["slowest_hold"]
+        assert hold["pool"] == "worker", hold
+        assert re.fullmatch(r"[0-9a-f]{32}", hold["trace_id"]), hold
+        assert hold["trace"]["in_span_file"] is True, hold
+        assert hold["trace"]["server_span"]["name"] == "POST /lost_update/{variant}/run"
+        assert hold["trace"]["pool_wait"]["pool"] == "worker"
+    naive_trace = lost["naive"]["findings"]["slowest_hold"]["trace_id"]
+    assert "**pool-monitor: slowest hold and its trace**" in markdown
+    assert f"`{naive_trace}`" in markdown.split("## lost_update (seed 003)")[1]
+
     # The terminal: each scenario under its description, the monitor's tables before the
     # app's, and the PNG files on the last line.
     out = capsys.readouterr().out
     assert "lost_update (seed 003): read-modify-write from 2 threads" in out
     shown = out.split("shared_session (seed 000): one Session shared")[1]
     assert shown.index("pool-monitor: misuse") < shown.index("the app: requests, database")
+    assert naive_trace in out.split("lost_update (seed 003)")[1]
     last = out.strip().splitlines()[-1]
     assert last == "charts: " + ", ".join(str(tmp_path / chart) for chart in report["charts"])
     if sidecar_available():  # issue 5's sidecar merges the two workers' snapshots
@@ -168,6 +186,20 @@ def test_pool_monitor_demo_quick_demonstrates_every_claim(
     section = markdown.split("## external_call (seed 002)")[1].split("\n## ")[0]
     assert f"`{checkout}`<br>→<br>" in section and f"`{in_scenario}`<br>`{in_client}` |" in section
     assert "| three_stage | 0 | – | none |" in section
+    # The slowest hold's trace: the anti-pattern's from its long-held warning, the fix's
+    # from the use-time exemplars, each found in the span files with its server span.
+    slowest = calls["anti"]["findings"]["slowest_hold"]
+    assert "long_held" in slowest["sources"] and slowest["site"] == checkout
+    assert slowest["held_s"] >= 2.0 * 0.9 and re.fullmatch(r"[0-9a-f]{32}", slowest["trace_id"])
+    assert slowest["trace"]["server_span"]["name"] == "POST /external_call/{variant}/images"
+    assert slowest["trace"]["pool_wait"]["pool"] == "api"
+    assert f"`{slowest['trace_id']}`" in section
+    fixed = calls["three_stage"]["findings"]["slowest_hold"]
+    assert fixed["sources"] == ["exemplar"] and fixed["trace"]["in_span_file"] is True
+    # The exhausted pools' refused checkouts are failed pool.wait spans in their traces.
+    assert calls["anti"]["findings"]["pool_wait_spans"]["errors"] > 0
+    isolation = report["scenarios"]["pool_isolation"]
+    assert isolation["shared"]["findings"]["pool_wait_spans"]["errors"] > 0
     # seed 001: the locked store's lock contention, from app.lock.wait_time
     (lock,) = report["scenarios"]["session_store"]["locked"]["findings"]["locks"]
     assert lock["lock"] == "session-store" and lock["acquisitions"] >= 400

@@ -297,7 +297,7 @@ def test_long_held_alert_and_event_carry_the_trace(
         engine, pool_name="long-traced", long_held_threshold=0.05, on_long_held=events.append
     )
     with (
-        caplog.at_level(logging.WARNING, logger="monitor.long_held"),
+        caplog.at_level(logging.INFO, logger="monitor.long_held"),
         tracer.start_as_current_span("slow request") as request,
         engine.connect(),
     ):
@@ -307,9 +307,11 @@ def test_long_held_alert_and_event_carry_the_trace(
     trace_id, span_id = ids(request)
     [event] = events
     assert (event.trace_id, event.span_id) == (trace_id, span_id)
-    [record] = [r for r in caplog.records if r.name == "monitor.long_held"]
-    assert (record.trace_id, record.span_id) == (trace_id, span_id)  # type: ignore[attr-defined]
-    assert f", trace {trace_id} span {span_id};" in record.getMessage()
+    alert, returned = [r for r in caplog.records if r.name == "monitor.long_held"]
+    assert (alert.trace_id, alert.span_id) == (trace_id, span_id)  # type: ignore[attr-defined]
+    assert f", trace {trace_id} span {span_id};" in alert.getMessage()
+    assert "returned after" in returned.getMessage()
+    assert (returned.trace_id, returned.span_id) == (trace_id, span_id)  # type: ignore[attr-defined]
 
 
 def test_misuse_warning_names_the_checkout_trace(

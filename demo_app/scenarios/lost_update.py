@@ -14,6 +14,7 @@ any real work in that window; it makes the race show up on every run instead of 
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections.abc import Callable
@@ -174,8 +175,15 @@ def run_concurrent_increments(
         except Exception as exc:  # reported, never swallowed silently
             tally.errors.append(f"{type(exc).__name__}: {exc}")
 
+    # Each thread runs in a copy of the caller's context, so its checkouts belong to the
+    # request's trace (a bare Thread starts with an empty context: no span).
     pool = [
-        threading.Thread(target=body, args=(t,), name=f"{variant}-increment-{i}", daemon=True)
+        threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(body, t),
+            name=f"{variant}-increment-{i}",
+            daemon=True,
+        )
         for i, t in enumerate(tallies)
     ]
     started = time.perf_counter()

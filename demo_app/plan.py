@@ -39,6 +39,8 @@ class Plan:
     store_threads: int = 8
     store_sessions: int = 4
     store_writes: int = 400
+    # sizing: seconds per load level of the Erlang C check (demo_app.sizing)
+    sizing_duration_s: float = 5.0
 
 
 QUICK = Plan(
@@ -71,4 +73,5 @@ FULL = Plan(
     payment_retries=3,
     shared_session_runs=5,
     store_writes=2000,
+    sizing_duration_s=8.0,
 )

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from demo_app import findings, traces
+from demo_app import findings, sizing, traces
 from demo_app.checks import Check
 from demo_app.scenarios import SCENARIOS
 from demo_app.tables import markdown_table
@@ -73,9 +73,33 @@ def render_markdown(report: dict[str, Any], checks: list[Check]) -> str:
         note = report.get("notes", {}).get(name)
         if note:
             lines += ["", f"> **Note.** {note}"]
+    lines += _sizing_section(report.get("sizing"))
     lines += ["", "## Charts", ""]
     lines += [f"![{chart}]({chart})" for chart in report.get("charts", [])]
     return "\n".join(lines) + "\n"
+
+
+def _sizing_section(found: dict[str, Any] | None) -> list[str]:
+    """How big the pools should be (monitor.sizing), from this run's own measurements."""
+    if not found:
+        return []
+    check = found["validation"]
+    return [
+        "",
+        "## Sizing",
+        "",
+        f"**Erlang C against measurement.** A pool of {check['size']} connections driven "
+        f"with Poisson arrivals and exponential holds of {check['mean_hold_s'] * 1000:g} ms "
+        f"for {check['duration_s']:g} s per load. The prediction uses the measured rate and "
+        "hold; the measurement is the monitor's wait-time histogram (a wait is ≥ 1 ms).",
+        "",
+        sizing.markdown(check["rows"]),
+        f"**The demo's pools over the whole run** ({found['window_s']:.0f} s, anti-patterns "
+        "and fixes together, so pools the anti-patterns exhausted say so): what "
+        "`/api/advice` and `pool-monitor advise` would answer.",
+        "",
+        sizing.advice_markdown(found["pools"]),
+    ]
 
 
 def write_markdown(report: dict[str, Any], checks: list[Check], path: Path) -> Path:

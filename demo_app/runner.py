@@ -28,7 +28,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from demo_app import charts, drivers, events, findings, traces
+from demo_app import charts, drivers, events, findings, sizing, traces
 from demo_app.checks import Check, evaluate
 from demo_app.embedded_pg import postgres_url
 from demo_app.plan import FULL, QUICK, Plan
@@ -108,6 +108,7 @@ async def drive_all(
     sampler = MonitorSampler(stack.service_url, stack.workers)
     if not await sampler.fresh(timeout_s=30):
         console.print(f"[yellow]only {len(sampler.latest)} of {stack.workers} workers answered")
+    sampler.baseline = (sampler.newest_time(), sampler.merged())
     stop = asyncio.Event()
     background = asyncio.create_task(sampler.run(stop))
     results: dict[str, Any] = {}
@@ -150,6 +151,30 @@ async def drive_all(
         traces.SpanIndex.of(traces.read(stack.traces_dir)),
     )
     return results, sampler
+
+
+def _sizing(
+    database_url: str, plan: Plan, sampler: MonitorSampler, workers: int, console: Console
+) -> dict[str, Any]:
+    """The report's sizing section: Erlang C against measurement on a pool driven at known
+    loads, and the advice for the demo's own pools from the whole run."""
+    with console.status("sizing: driving a pool of 4 at 1, 2 and 3 Erlangs"):
+        runs = sizing.validate(database_url, plan.sizing_duration_s)
+    table = sizing.table(runs)
+    console.print("[bold]Sizing: Erlang C against measurement[/bold]")
+    console.print(sizing.markdown(table), markup=False, highlight=False)
+    start, before = sampler.baseline or (sampler.newest_time(), {})
+    end = sampler.newest_time()
+    return {
+        "validation": {
+            "size": sizing.VALIDATION_SIZE,
+            "mean_hold_s": sizing.VALIDATION_HOLD_S,
+            "duration_s": plan.sizing_duration_s,
+            "rows": table,
+        },
+        "pools": sizing.pool_advice(before, sampler.merged(), end - start, workers),
+        "window_s": end - start,
+    }
 
 
 def _settings_summary(settings: DemoSettings) -> dict[str, Any]:
@@ -353,9 +378,10 @@ def _demo(
                     for p in stack.traces_dir.glob(traces.SPAN_FILE_GLOB)
                 ),
             },
-            "duration_s": time.monotonic() - started,
             "scenarios": results,
+            "sizing": _sizing(database_url, plan, sampler, stack.workers, console),
         }
+        report["duration_s"] = time.monotonic() - started
         checks, charts_made = _write_outputs(report_dir, report, sampler)
         _print_summary(console, report, checks)
         if not args.no_serve:

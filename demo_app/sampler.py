@@ -73,6 +73,8 @@ class MonitorSampler:
     spans: list[Span] = field(default_factory=list)
     #: Every distinct exemplar seen (see `exemplars_of`), oldest first.
     exemplars: list[dict[str, Any]] = field(default_factory=list)
+    #: (time, merged snapshots) when every worker first answered: the run's start.
+    baseline: tuple[float, dict[str, Any]] | None = None
     _seen: set[tuple[Any, ...]] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +133,10 @@ class MonitorSampler:
             for name, snap in sample.pools.items():
                 by_pool.setdefault(name, []).append(snap)
         return {name: snapshots.merge(snaps) or {} for name, snaps in by_pool.items()}
+
+    def newest_time(self) -> float:
+        """When the newest live sample was taken (the time `merged()` is as of)."""
+        return max((s.time for s in self._live()), default=time.time())
 
     def gauges(self) -> dict[str, dict[str, float]]:
         return {name: snapshots.gauges(snap) for name, snap in self.merged().items()}

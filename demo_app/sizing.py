@@ -143,3 +143,100 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         f"{r['mean_wait_ms_predicted']} | {r['mean_wait_ms_measured']} |\n"
         for r in rows
     )
+
+
+#: The validation's pool: small, so a few seconds per load show real queueing.
+VALIDATION_SIZE = 4
+VALIDATION_HOLD_S = 0.04
+VALIDATION_LOADS = (1.0, 2.0, 3.0)
+
+
+def validate(database_url: str, duration_s: float) -> list[Run]:
+    """Drive a fresh pool of `VALIDATION_SIZE` at each of `VALIDATION_LOADS`."""
+    import monitor
+
+    engine = sa.create_engine(
+        database_url, pool_size=VALIDATION_SIZE, max_overflow=0, pool_timeout=60
+    )
+    pm = monitor.instrument(
+        engine, pool_name="sizing-validation", code_sites=False, long_held_threshold=0
+    )
+    try:
+        warm(engine, VALIDATION_SIZE)
+        return [
+            drive(
+                engine,
+                pm,
+                size=VALIDATION_SIZE,
+                load=load,
+                mean_hold_s=VALIDATION_HOLD_S,
+                duration_s=duration_s,
+                seed=i,
+            )
+            for i, load in enumerate(VALIDATION_LOADS)
+        ]
+    finally:
+        monitor.uninstrument(engine)
+        engine.dispose()
+
+
+def pool_advice(
+    before: dict[str, Any], after: dict[str, Any], seconds: float, workers: int
+) -> list[dict[str, Any]]:
+    """The demo's own pools over its run (merged snapshots of every worker at the start
+    and the end): what `monitor.sizing` advises, with the measured waits."""
+    from monitor.sizing import advise
+
+    out = []
+    for name in sorted(after):
+        end, start = after[name], before.get(name) or {}
+        checkouts = end["counters"][CHECKOUTS] - (start.get("counters") or {}).get(CHECKOUTS, 0)
+        use_end, use_start = end["histograms"][USE], (start.get("histograms") or {}).get(USE)
+        wait_end = end["histograms"][WAIT]
+        wait_start = (start.get("histograms") or {}).get(WAIT)
+        counts = list(wait_end["counts"])
+        wait_sum = wait_end["sum"]
+        if wait_start:
+            counts = [a - b for a, b in zip(counts, wait_start["counts"], strict=True)]
+            wait_sum -= wait_start["sum"]
+        measured = measured_wait(wait_end["bounds"], counts, wait_sum)
+        maximum = (end.get("gauges") or {}).get("db.client.connection.max")
+        size = round(maximum / workers) if maximum else None
+        advice = advise(
+            name,
+            processes=workers,
+            size=size,
+            checkouts=checkouts,
+            seconds=seconds,
+            hold_seconds=use_end["sum"] - (use_start["sum"] if use_start else 0.0),
+            measured_p_wait=measured[0] if measured else None,
+            measured_mean_wait_s=measured[1] if measured else None,
+        )
+        out.append(advice.to_dict())
+    return out
+
+
+def advice_markdown(rows: list[dict[str, Any]]) -> str:
+    """`pool_advice()` rows as a Markdown table, then each pool's warnings."""
+
+    def ms(v: float | None) -> str:
+        return "–" if v is None else f"{v * 1000:.1f}"
+
+    def share(v: float | None) -> str:
+        return "–" if v is None else f"{v:.3f}"
+
+    lines = [
+        "| pool | size / worker | λ /s / worker | W ms | load | P(wait) predicted | measured "
+        "| mean wait ms predicted | measured | advised size |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| `{r['pool']}` | {r['size'] or '–'} | {r['arrival_rate']:.1f} | "
+            f"{r['mean_hold_s'] * 1000:.1f} | {r['offered_load']:.2f} | "
+            f"{share(r['predicted_p_wait'])} | {share(r['measured_p_wait'])} | "
+            f"{ms(r['predicted_mean_wait_s'])} | {ms(r['measured_mean_wait_s'])} | "
+            f"{r['recommended_size'] if r['recommended_size'] is not None else '–'} |"
+        )
+    notes = [f"- `{r['pool']}`: {w}" for r in rows for w in r["warnings"]]
+    return "\n".join(lines + (["", *notes] if notes else [])) + "\n"

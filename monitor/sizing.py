@@ -27,6 +27,8 @@ MAX_SIZE = 1000
 MIN_CHECKOUTS = 100
 #: Index of dispersion of arrivals above which they are too bursty for the model.
 BURSTY_DISPERSION = 3.0
+#: Measured P(wait) this far from the prediction says the model does not fit.
+MISFIT_P_WAIT = 0.15
 #: Hold time at the busiest windows vs the quietest, above which load slows the holds.
 RISING_HOLD_RATIO = 1.5
 
@@ -223,6 +225,18 @@ def fit_warnings(
             f"offered load {advice.offered_load:.2f} ≥ {advice.size} connections per process: "
             "checkouts queue without bound (expect pool timeouts); the model has no steady "
             "state here"
+        )
+    current, measured = advice.current, advice.measured_p_wait
+    if (
+        current is not None
+        and measured is not None
+        and advice.checkouts >= MIN_CHECKOUTS
+        and abs(measured - current.p_wait) > MISFIT_P_WAIT
+    ):
+        out.append(
+            f"measured P(wait) {measured:.3f} against {current.p_wait:.3f} predicted: the "
+            "load does not fit the model here (bursts, or holds that change with load); "
+            "trust the measurement"
         )
     index = dispersion(interval_counts)
     if index is not None and index > BURSTY_DISPERSION:

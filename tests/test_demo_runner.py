@@ -108,6 +108,18 @@ def test_quick_run_writes_report_json_markdown_and_charts(
     assert "**pool-monitor: slowest hold and its trace**" in markdown
     assert f"`{naive_trace}`" in markdown.split("## lost_update (seed 003)")[1]
 
+    # Sizing: Erlang C against the run's own measurement, and advice for its pools.
+    check = report["sizing"]["validation"]
+    assert check["size"] == 4 and [round(r["offered_load"]) for r in check["rows"]] == [1, 2, 3]
+    for row in check["rows"]:
+        assert row["checkouts"] > 0
+        assert abs(row["p_wait_predicted"] - row["p_wait_measured"]) < 0.15, row
+    advised = {p["pool"]: p for p in report["sizing"]["pools"]}
+    assert advised["worker"]["processes"] == 2 and advised["worker"]["checkouts"] > 0
+    assert advised["worker"]["size"] is not None
+    sizing_md = markdown.split("## Sizing")[1]
+    assert "| 4 | " in sizing_md and "| `worker` |" in sizing_md
+
     # The terminal: each scenario under its description, the monitor's tables before the
     # app's, and the PNG files on the last line.
     out = capsys.readouterr().out

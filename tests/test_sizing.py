@@ -137,6 +137,14 @@ def test_hold_growth_and_the_warnings_in_words() -> None:
         "(expect pool timeouts); the model has no steady state here",
     ]
     assert few.to_dict()["predicted_mean_wait_s"] is None  # JSON has no infinity
+    misfit = advise(
+        "api", processes=1, size=4, checkouts=500, seconds=10, hold_seconds=500 * 0.04,
+        measured_p_wait=0.6,
+    )  # fmt: skip
+    assert misfit.warnings == [
+        "measured P(wait) 0.600 against 0.174 predicted: the load does not fit the model "
+        "here (bursts, or holds that change with load); trust the measurement"
+    ]
 
 
 def test_measured_wait_counts_waits_of_a_millisecond_or_more() -> None:

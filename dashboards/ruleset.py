@@ -276,6 +276,25 @@ def alert_rules(cfg: Settings) -> list[Alert]:
             "after the other, is not reported.",
         ),
         Alert(
+            "PoolCodeSiteBlockingSessions",
+            pool_group,
+            # Every sidecar watching the server sees the same lock waits: `max` over them,
+            # per service. Roots no sidecar attributes to a hold are left out: with several
+            # pods, the sidecars of the pods that do not hold a root report it (unknown).
+            f"max by ({_by((*s.TARGET_LABELS, s.SITE, s.POOL))}) "
+            f'({s.BLOCKED_BACKENDS}{{kind="transitive", {s.SITE}!="{s.UNKNOWN_SITE}"}}) '
+            f"> {n('blocking_sessions')}",
+            f"Code site {{{{ $labels.{s.SITE} }}}} (pool {POOL_L}) blocks "
+            "{{ $value }} database sessions",
+            "A transaction opened by a connection checked out at this code site holds locks "
+            f"that more than {format_number(t['blocking_sessions'])} other sessions have been "
+            "waiting for, directly or behind other waiters, for "
+            f"{f['PoolCodeSiteBlockingSessions']}. "
+            "Usually the code keeps the transaction open (idle in transaction) while it does "
+            "something else. The sidecar's /api/blocking and the Blocking section of its live "
+            "page show the holder: process, thread, trace and what it is doing now.",
+        ),
+        Alert(
             "PostgresIdleInTransactionTooLong",
             pg_group,
             f"pg_app_idle_in_transaction_max_seconds > {n('pg_idle_in_transaction_seconds')}",

@@ -43,6 +43,14 @@ SNAPSHOT_ERRORS = "pool_monitor_snapshot_errors_total"
 #: The sidecar's own health, read by the alert on a stuck or failing scan.
 SIDECAR_SCAN_AGE = "pool_monitor_sidecar_last_scan_age_seconds"
 
+#: The sidecar's lock-wait graph (`/api/blocking`), by the root blocker's code site and pool.
+BLOCKED_BACKENDS = "pool_monitor_blocking_blocked_backends"
+BLOCKING_CHAIN = "pool_monitor_blocking_longest_chain"
+BLOCKING_LOCK_WAIT = "pool_monitor_blocking_root_lock_wait_max_seconds"
+BLOCKING_SERIES: tuple[str, ...] = (BLOCKED_BACKENDS, BLOCKING_CHAIN, BLOCKING_LOCK_WAIT)
+#: `code_site` of roots no instrumented hold is attributed to (`monitor.sidecar.blocking`).
+UNKNOWN_SITE = "(unknown)"
+
 _HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 
@@ -71,10 +79,12 @@ def catalogue_series() -> frozenset[str]:
 
 
 def allowed_metric_names(recording_rules: Iterable[str] = ()) -> frozenset[str]:
-    """Catalogue series + sidecar PostgreSQL series + snapshot errors + our recordings."""
+    """Catalogue series + sidecar PostgreSQL and blocking series + snapshot errors + our
+    recordings."""
     return (
         catalogue_series()
         | set(PG_SERIES)
         | {SNAPSHOT_ERRORS, SIDECAR_SCAN_AGE}
+        | set(BLOCKING_SERIES)
         | set(recording_rules)
     )

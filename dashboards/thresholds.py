@@ -89,6 +89,13 @@ THRESHOLDS: tuple[Threshold, ...] = (
         "uses of a connection by a thread coming back to it after another thread",
     ),
     Threshold(
+        "blocking_sessions",
+        2,
+        "sessions",
+        "database sessions one code site's transactions block, directly or behind other "
+        "waiters (alert when above)",
+    ),
+    Threshold(
         "pg_idle_in_transaction_seconds",
         30,
         "seconds",
@@ -124,6 +131,7 @@ ALERTS: tuple[AlertDefaults, ...] = (
         ("idle_in_use_share", "idle_in_use_min_held_connections"),
     ),
     AlertDefaults("PoolCrossThreadConnectionUse", "1m", "warning", ("cross_thread_uses",)),
+    AlertDefaults("PoolCodeSiteBlockingSessions", "1m", "warning", ("blocking_sessions",)),
     AlertDefaults(
         "PostgresIdleInTransactionTooLong", "1m", "warning", ("pg_idle_in_transaction_seconds",)
     ),

@@ -183,10 +183,29 @@ def _health_view() -> View:
     return View(0.0, 0.0, [], {}, processes, dict.fromkeys(files.REASONS, 0), None, 1)
 
 
+def _blocking_backends() -> dict[int, postgres.Backend]:
+    """Backend 2 waiting on a lock backend 1 holds: the `pool_monitor_blocking_*` series
+    export their labelled samples only while something blocks."""
+
+    def backend(pid: int, blocked_by: tuple[int, ...]) -> postgres.Backend:
+        state = "active" if blocked_by else "idle in transaction"
+        wait = "Lock" if blocked_by else None
+        return postgres.Backend(
+            pid, "orders-api", state, wait, None, 1.0, 1.0, 0.0, 0.0, blocked_by, None, None
+        )
+
+    return {1: backend(1, ()), 2: backend(2, (1,))}
+
+
 def _pg(configured: bool, up: bool, last_success: float | None) -> _DocsPostgres:
     apps = {"orders-api": postgres.AppStats()} if up else {}
     view = postgres.PgView(
-        configured=configured, up=up, max_connections=100, reserved_connections=3, apps=apps
+        configured=configured,
+        up=up,
+        max_connections=100,
+        reserved_connections=3,
+        backends=_blocking_backends() if up else {},
+        apps=apps,
     )
     return _DocsPostgres(view, last_success)
 
@@ -315,6 +334,10 @@ def render_metrics() -> str:
         '(`connect_args={"application_name": ...}`) so the pool and server sides split alike.',
         "The server figures are left out while the last poll failed (`pg_up 0`): stale ones",
         "would mislead more than none.",
+        "",
+        "The `pool_monitor_blocking_*` series are the lock-wait graph of the same poll",
+        "(`/api/blocking` on the sidecar), by the root blocker's code site and pool. Runbook:",
+        "[PoolCodeSiteBlockingSessions](../dashboards/README.md#poolcodesiteblockingsessions).",
         "",
         *_sidecar_table(sidecar["data"]),
         "",

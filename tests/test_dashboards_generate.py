@@ -22,7 +22,13 @@ from dashboards.inventory import dashboard_expressions, panels, rule_expressions
 from dashboards.panels import Q
 from dashboards.promql import label_values_metric, metric_names, substitute
 from dashboards.ruleset import recording_names, render_rules
-from dashboards.series import PG_SERIES, SIDECAR_SCAN_AGE, SNAPSHOT_ERRORS, allowed_metric_names
+from dashboards.series import (
+    BLOCKING_SERIES,
+    PG_SERIES,
+    SIDECAR_SCAN_AGE,
+    SNAPSHOT_ERRORS,
+    allowed_metric_names,
+)
 from dashboards.thresholds import ALERTS, THRESHOLDS, OverrideError, defaults_table
 from dashboards.writer import TABLE_BEGIN, TABLE_END, expected_files, with_thresholds_table
 from monitor.catalogue import METRICS
@@ -191,6 +197,10 @@ def test_overview_has_the_panels_the_issue_asks_for(models: dict[str, dict[str, 
         "Connect time p50 / p99",
         "Invalidations by kind",
         "Connect errors",
+        "Blocking: whose transactions hold the locks others wait for",
+        "Sessions blocked, by root blocker's code site",
+        "Longest lock wait, by root blocker's code site",
+        "Longest lock-wait chain",
     ]
     heat = next(p for p in panels(models["pool-overview.json"]) if p["type"] == "heatmap")
     assert heat["targets"][0]["format"] == "heatmap"
@@ -372,8 +382,8 @@ def test_allowed_set_is_catalogue_plus_sidecar_plus_recordings() -> None:
     assert "db_client_connection_wait_time_seconds" not in names  # only the expanded series
     assert "sqlalchemy_pool_checkouts_total" in names
     assert "db_client_connection_idle_min" not in names  # semconv has it; we do not export it
-    assert set(PG_SERIES) | {SNAPSHOT_ERRORS, SIDECAR_SCAN_AGE} <= names
-    assert len(names) == sum(3 if m.kind == "histogram" else 1 for m in METRICS) + 10
+    assert set(PG_SERIES) | {SNAPSHOT_ERRORS, SIDECAR_SCAN_AGE} | set(BLOCKING_SERIES) <= names
+    assert len(names) == sum(3 if m.kind == "histogram" else 1 for m in METRICS) + 13
     assert "pool:db_client_connection_saturation:ratio" not in names
     assert "pool:db_client_connection_saturation:ratio" in ALLOWED
 
@@ -426,6 +436,7 @@ def test_every_alert_has_for_severity_and_annotations() -> None:
             "PoolLongHeldConnections",
             "PoolHoldTimeMostlyIdle",
             "PoolCrossThreadConnectionUse",
+            "PoolCodeSiteBlockingSessions",
             "PostgresIdleInTransactionTooLong",
             "PostgresConnectionsNearLimit",
             "PostgresCollectorDown",

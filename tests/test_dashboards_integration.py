@@ -200,7 +200,21 @@ CROSS_THREAD_SITE = re.compile(r"^demo_app/scenarios/shared_session\.py:\d+:shar
 
 #: Dashboard expressions allowed to return no finite value, with the reason. Only for what
 #: a short run genuinely cannot produce, never for a bug (see the module docstring).
-KNOWN_GAPS: dict[str, str] = {}
+KNOWN_GAPS: dict[str, str] = {
+    # Lock waits exist only while a lock is held: the demo's row locks (lost_update's
+    # FOR UPDATE, idempotent_payment's ON CONFLICT claims) last milliseconds, and these
+    # instant queries run after the scenarios, when nothing blocks (the series are absent,
+    # not 0). tests/test_sidecar_blocking.py proves them on a real pile-up.
+    'pool-overview.json: "Sessions blocked, by root blocker\'s code site" (A)': "nothing blocks",
+    'pool-overview.json: "Longest lock wait, by root blocker\'s code site" (A)': "idem",
+}
+#: Alerts that may fire for any of the demo's pools, with why (neither required nor quiet).
+ALLOWED_ANY_POOL = {
+    # A poll (every 5 s, cached until the next) can catch the concurrent claims of
+    # idempotent_payment (3 attempts per key on ON CONFLICT) or lost_update's FOR UPDATE
+    # queueing behind their holders: more than 2 sessions behind one site, for a moment.
+    "PoolCodeSiteBlockingSessions": "row-lock queues of the concurrent scenarios",
+}
 
 OR_VECTOR_0 = re.compile(r"\s+or\s+vector\(0\)\s*$")
 
@@ -526,11 +540,15 @@ def test_quiet_alerts_never_become_active(run: Run) -> None:
 def test_no_alert_fires_outside_what_the_scenarios_explain(run: Run) -> None:
     # Per-application alerts about other clients of a shared PostgreSQL are not the demo's.
     demo = {(a, s) for a, s in run.watcher.fired() if s in (*POOLS, *APPS, "")}
-    unexplained = demo - EXPECTED_FIRING - set(ALLOWED_FIRING)
+    unexplained = {
+        (a, s)
+        for a, s in demo - EXPECTED_FIRING - set(ALLOWED_FIRING)
+        if not (a in ALLOWED_ANY_POOL and s in POOLS)
+    }
     assert not unexplained, f"{sorted(unexplained)}\nseen:\n{_describe(run, unexplained)}"
 
 
 def test_every_alert_is_classified() -> None:
     """A new alert must be added to the expectations above (firing or quiet)."""
-    classified = {a for a, _ in EXPECTED_FIRING} | set(QUIET)
+    classified = {a for a, _ in EXPECTED_FIRING} | set(QUIET) | set(ALLOWED_ANY_POOL)
     assert classified == {a.alert for a in ALERTS}

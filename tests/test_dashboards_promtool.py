@@ -36,7 +36,7 @@ def test_rule_files_are_the_ones_expected() -> None:
 def test_promtool_check_rules() -> None:
     result = _promtool("check", "rules", *map(str, RULE_FILES))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 12 rules found" in result.stdout
+    assert "SUCCESS: 13 rules found" in result.stdout
     assert "SUCCESS: 26 rules found" in result.stdout
 
 

@@ -262,4 +262,47 @@ def build() -> dict[str, Any]:
             ],
         ),
     )
+
+    # Every sidecar watching the server sees the same lock waits: max over them, not sum.
+    by_root = f"max by ({s.SITE}, {P})"
+    board.row("Blocking: whose transactions hold the locks others wait for").add(
+        timeseries_panel(
+            "Sessions blocked, by root blocker's code site",
+            "Database sessions waiting on a lock behind a root blocker (a session that "
+            "blocks others and waits on nobody), directly or behind other waiters, by the "
+            "code site and pool that checked the root's connection out; (unknown) is a "
+            "session no instrumented pool holds (psql, a migration, a cron job) or one held "
+            "in another pod. The dashed line is the PoolCodeSiteBlockingSessions threshold. "
+            "The sidecar's /api/blocking and live page show the tree and what the root is "
+            "doing.",
+            "short",
+            [
+                Q(
+                    f'{by_root} ({s.BLOCKED_BACKENDS}{{{f}, kind="transitive"}})',
+                    f"{lbl(s.SITE)} {lbl(P)}",
+                )
+            ],
+            w=8,
+            threshold=THRESHOLD_BY_NAME["blocking_sessions"].default,
+        ),
+        timeseries_panel(
+            "Longest lock wait, by root blocker's code site",
+            "The longest current lock wait among the sessions each root blocker's code site "
+            "and pool block. A wait that grows without reset is a transaction left open: "
+            "usually idle in transaction while the code does something else (an external "
+            "call inside a session).",
+            "s",
+            [Q(f"{by_root} ({s.BLOCKING_LOCK_WAIT}{{{f}}})", f"{lbl(s.SITE)} {lbl(P)}")],
+            w=8,
+        ),
+        timeseries_panel(
+            "Longest lock-wait chain",
+            "Edges on the longest chain of lock waits under any root blocker: 1 means "
+            "sessions wait on the root directly, 2 or more that waiters themselves hold "
+            "locks others queue for (a pile-up growing behind one holder). 0: nothing blocks.",
+            "short",
+            [Q(f"max({s.BLOCKING_CHAIN}{{{target_filter()}}})", "longest chain")],
+            w=8,
+        ),
+    )
     return board.to_dict()

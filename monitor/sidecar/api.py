@@ -77,7 +77,7 @@ def pools(view: View, pg: PgView, now: float | None = None) -> dict[str, Any]:
 
     def long_held(p: dict[str, Any]) -> int:
         return sum(
-            1 for h in p["holds"] if aggregate.long_held(h, _hold_age(h, view.scanned_at, now))
+            1 for h in p["holds"] if aggregate.long_held(h, hold_age(h, view.scanned_at, now))
         )
 
     return {
@@ -118,7 +118,7 @@ def pools(view: View, pg: PgView, now: float | None = None) -> dict[str, Any]:
     }
 
 
-def _hold_age(hold: dict[str, Any], scanned_at: float, now: float) -> float:
+def hold_age(hold: dict[str, Any], scanned_at: float, now: float) -> float:
     if "as_of" not in hold:  # (a hold not from the aggregator: as of the scan)
         hold = {**hold, "as_of": scanned_at}
     return aggregate.hold_age(hold, now)
@@ -131,7 +131,7 @@ def _stale(hold: dict[str, Any], now: float) -> bool:
     return not isinstance(as_of, (int, float)) or now - as_of > aggregate.STALE_AFTER_S
 
 
-def _trace(hold: dict[str, Any], template: str | None) -> dict[str, str | None]:
+def trace_fields(hold: dict[str, Any], template: str | None) -> dict[str, str | None]:
     """`trace_id`, `span_id` (None when unknown: no span was current at the checkout, an
     older library, or a hold whose details are pending) and `trace_url` (None unless the
     template is set and the hold has a trace id). The schema let through only lowercase
@@ -154,11 +154,11 @@ def _hold_ref(hold: dict[str, Any], template: str | None = None) -> dict[str, An
         "thread": hold.get("thread"),
         "task": hold.get("task"),
         "process": hold.get("process"),
-        **_trace(hold, template),
+        **trace_fields(hold, template),
     }
 
 
-def _hold_start(hold: dict[str, Any], scanned_at: float) -> float:
+def hold_start(hold: dict[str, Any], scanned_at: float) -> float:
     """The hold's start, wall clock: `started_at` from the worker, else from its age."""
     started = hold.get("started_at")
     if isinstance(started, (int, float)):
@@ -170,9 +170,24 @@ def newest_start(view: View) -> float | None:
     """When the newest hold with a backend pid began: a poll started after it has a row
     for every hold (`PostgresCollector.refresh(since=...)`)."""
     starts = [
-        _hold_start(h, view.scanned_at) for h in view.holds if isinstance(h.get("backend_pid"), int)
+        hold_start(h, view.scanned_at) for h in view.holds if isinstance(h.get("backend_pid"), int)
     ]
     return max(starts, default=None)
+
+
+def sample_problem(pg: PgView, now: float, max_age: float = MAX_SAMPLE_AGE_S) -> str | None:
+    """Why no row of this poll may be attached to any hold (one of the reasons above), or
+    None: the sample is usable, row by row (`join`). `/api/blocking` says it once for
+    the whole tree."""
+    if not pg.configured:
+        return NOT_CONFIGURED
+    if pg.poll_started_at is None:
+        return NOT_POLLED
+    if not pg.up:
+        return DOWN
+    if pg.sampled_at is None or now - pg.poll_started_at > max_age:
+        return TOO_OLD
+    return None
 
 
 def join(
@@ -192,16 +207,11 @@ def join(
     it (that transaction belongs to whoever held the connection before); `state_change`
     not before it (nothing happened since the checkout: the state is the previous
     holder's, e.g. `idle` while this hold has not yet begun its transaction)."""
-    if not pg.configured:
-        return NOT_CONFIGURED
-    if pg.poll_started_at is None:
-        return NOT_POLLED
-    if not pg.up:
-        return DOWN
-    if pg.sampled_at is None or now - pg.poll_started_at > max_age:
-        return TOO_OLD
+    problem = sample_problem(pg, now, max_age)
+    if problem is not None:
+        return problem
     earliest = started - tolerance
-    if pg.sampled_at < earliest:
+    if pg.sampled_at is None or pg.sampled_at < earliest:
         return SAMPLED_BEFORE
     if server is None:
         return NO_ROW
@@ -228,16 +238,16 @@ def _blocker(
         "pid": pid,
         "application_name": server.application_name if server else None,
         "server_state": server.state if server else None,
-        "server_xact_age_s": _aged(server.xact_age_s, pg.polled_at, now) if server else None,
+        "server_xact_age_s": aged(server.xact_age_s, pg.polled_at, now) if server else None,
         "holds": [
             _hold_ref(h, template)
             for h in by_pid.get(pid, [])
-            if join(server, pg, _hold_start(h, scanned_at), now, max_age=float("inf")) is None
+            if join(server, pg, hold_start(h, scanned_at), now, max_age=float("inf")) is None
         ],
     }
 
 
-def _aged(value: float | None, since: float | None, now: float) -> float | None:
+def aged(value: float | None, since: float | None, now: float) -> float | None:
     return None if value is None or since is None else value + max(0.0, now - since)
 
 
@@ -278,11 +288,11 @@ def checkouts(
     fields are null, and `server_unknown` says why, unless `join` accepts the row;
     `server_as_of` is the server's `now()` for the sample, `server_sample_age_s` its
     age at `now` (from the start of the poll). `trace_id`, `span_id` and `trace_url`
-    (with `trace_url_template`, `--trace-url-template`): see `_trace`; the holds in
+    (with `trace_url_template`, `--trace-url-template`): see `trace_fields`; the holds in
     `blocked_by` carry them too."""
     now = time.time() if now is None else now
     holds = sorted(
-        ({**h, "age_s": _hold_age(h, view.scanned_at, now)} for h in view.holds),
+        ({**h, "age_s": hold_age(h, view.scanned_at, now)} for h in view.holds),
         key=lambda h: h["age_s"],
         reverse=True,
     )
@@ -295,7 +305,7 @@ def checkouts(
         pid = hold.get("backend_pid")
         candidate = pg.backends.get(pid) if isinstance(pid, int) else None
         unknown = (
-            join(candidate, pg, _hold_start(hold, view.scanned_at), now, max_age=max_sample_age)
+            join(candidate, pg, hold_start(hold, view.scanned_at), now, max_age=max_sample_age)
             if isinstance(pid, int)
             else NO_PID
         )
@@ -308,11 +318,11 @@ def checkouts(
             "task": hold.get("task"),
             "backend_pid": pid,
             "server_state": server.state if server else None,
-            "server_xact_age_s": _aged(server.xact_age_s, pg.polled_at, now) if server else None,
+            "server_xact_age_s": aged(server.xact_age_s, pg.polled_at, now) if server else None,
             "wait_event": server.wait_event if server else None,
             "wait_event_type": server.wait_event_type if server else None,
             "application_name": server.application_name if server else None,
-            "lock_wait_s": _aged(server.lock_wait_s, pg.polled_at, now) if server else None,
+            "lock_wait_s": aged(server.lock_wait_s, pg.polled_at, now) if server else None,
             "blocked_by": [
                 _blocker(b, pg, by_pid, now, view.scanned_at, trace_url_template)
                 for b in server.blocked_by
@@ -327,14 +337,14 @@ def checkouts(
             "executing": hold.get("executing"),
             "sql_time_s": hold.get("sql_time_s"),
             "long_held": aggregate.long_held(hold, hold["age_s"]),
-            "started_at": _hold_start(hold, view.scanned_at),
+            "started_at": hold_start(hold, view.scanned_at),
             "as_of": hold.get("as_of"),
             "stale": _stale(hold, now),
             # On the worker's board, newer than its last live document: out, and aged
             # exactly, but where and by whom arrives with the next document.
             "pending": bool(hold.get("pending")),
             "process": hold.get("process"),
-            **_trace(hold, trace_url_template),
+            **trace_fields(hold, trace_url_template),
         }
         if show_query_text:
             row["query"] = server.query if server else None

@@ -1,10 +1,11 @@
 """The sidecar's HTTP surface (Starlette): metrics, health, JSON API, live page.
 
 Handlers only read the latest scan and poll results (see `runtime`), so every request is
-cheap and none touches the disk or the database. The one exception is `/api/checkouts`,
-which may wait (at most `postgres.REFRESH_WAIT_S`, in a worker thread) for the polling
-thread to refresh a view older than `postgres.FRESH_S`: rate-limited and shared by all
-requests, see `PostgresCollector.refresh`. `/metrics` never waits and never polls.
+cheap and none touches the disk or the database. The one exception is `/api/checkouts`
+(and `/api/blocking`, by the same rule), which may wait (at most
+`postgres.REFRESH_WAIT_S`, in a worker thread) for the polling thread to refresh a view
+older than `postgres.FRESH_S`: rate-limited and shared by all requests, see
+`PostgresCollector.refresh`. `/metrics` never waits and never polls.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from monitor.sidecar import api
+from monitor.sidecar import api, blocking
 from monitor.sidecar.advice import advice_document
 from monitor.sidecar.auth import COOKIE, cookie_value
 from monitor.sidecar.runtime import Sidecar
@@ -163,6 +164,18 @@ def create_app(sidecar: Sidecar, manage: bool = True) -> Starlette:
         response.headers["X-Total-Count"] = str(len(view.holds))  # before the limit
         return response
 
+    async def blocking_tree(request: Request) -> Response:
+        # Who blocks whom: the same freshness rule as /api/checkouts (a poll that started
+        # <= 0.4 s ago and after the newest hold began, asked for, rate-limited and
+        # shared), so a lock is pinned only on the hold that row describes.
+        refusal = refused(request, False)
+        if refusal is not None:
+            return refusal
+        pg = await run_in_threadpool(sidecar.pg.refresh, since=api.newest_start(sidecar.view))
+        return json_response(
+            blocking.tree(sidecar.view, pg, trace_url_template=sidecar.config.trace_url_template)
+        )
+
     async def metrics(request: Request) -> Response:
         body, media_type = sidecar.registries.render(request.headers.get("accept"))
         return Response(body, media_type=media_type)
@@ -190,6 +203,7 @@ def create_app(sidecar: Sidecar, manage: bool = True) -> Starlette:
             Route("/login", login, methods=["POST"]),
             Route("/api/pools", pools),
             Route("/api/checkouts", checkouts),
+            Route("/api/blocking", blocking_tree),
             Route("/api/advice", advice),
             Route("/metrics", metrics),
             Route("/healthz", healthz),

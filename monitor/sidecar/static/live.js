@@ -1,4 +1,5 @@
-// pool-monitor live page: polls /api/pools and /api/checkouts and renders two tables.
+// pool-monitor live page: polls /api/pools, /api/checkouts and /api/blocking; renders the
+// blocking tree (while anything blocks) and two tables.
 // No framework, no CDN: it must work in an air-gapped cluster behind kubectl port-forward.
 // Every value is put in the DOM with textContent (attributes with setAttribute), never as
 // HTML: code sites, thread names and query text come from the application and must not
@@ -56,8 +57,14 @@
 
   function traceCell(row, hold) {
     var td = cell(row, "", "trace");
+    var el = traceLink(hold);
+    if (el) td.appendChild(el);
+    return td;
+  }
+
+  function traceLink(hold) {
     var id = hold.trace_id;
-    if (typeof id !== "string" || !TRACE_ID.test(id)) return td;
+    if (typeof id !== "string" || !TRACE_ID.test(id)) return null;
     var url = hold.trace_url;
     var el;
     if (typeof url === "string" && SAFE_URL.test(url)) {
@@ -70,8 +77,7 @@
     }
     el.setAttribute("title", id);
     el.textContent = id.slice(0, 8);
-    td.appendChild(el);
-    return td;
+    return el;
   }
 
   function seconds(v) {
@@ -164,6 +170,105 @@
     });
   }
 
+  // Who blocks whom (/api/blocking): root blockers first, each with its code site, pool,
+  // process and what it is doing, the sessions it blocks indented beneath. Sessions no
+  // instrumented pool holds (psql, a migration) are labelled unknown, with the server's
+  // application_name. Hidden while nothing blocks.
+  function span(parent, text, cls) {
+    var el = document.createElement("span");
+    el.textContent = text;
+    if (cls) el.className = cls;
+    parent.appendChild(el);
+    return el;
+  }
+
+  function plural(n, word) {
+    return n + " " + word + (n === 1 ? "" : "s");
+  }
+
+  function blockingNode(n, root) {
+    var li = document.createElement("li");
+    li.className = (root ? "root " : "") + (n.kind === "hold" ? "hold-node" : "unknown");
+    li.setAttribute("data-pid", String(n.pid));
+    li.setAttribute("data-kind", n.kind);
+    var line = document.createElement("div");
+    line.className = "line";
+    if (n.kind === "hold") {
+      span(line, n.site || "(details pending)", "site");
+      var p = n.process || {};
+      var parts = ["pool " + n.pool, "process " + (p.hostname || "?") + ":" + p.pid];
+      var holder = n.task ? n.thread + " / " + n.task : n.thread;
+      if (holder) parts.push(holder);
+      span(line, " · " + parts.join(" · "));
+    } else {
+      span(line, "unknown session", "site");
+      span(line, n.application_name ? " · application_name " + n.application_name
+        : " · no application_name");
+      if (n.unknown_reason) line.setAttribute("title", n.unknown_reason);
+    }
+    span(line, " · pid " + n.pid, "pid");
+    span(line, " — " + n.doing, "doing");
+    if (n.kind === "hold" && typeof n.age_s === "number") {
+      var held = " · held " + seconds(n.age_s) + " s";
+      if (typeof n.no_sql_s === "number") held += " (" + seconds(n.no_sql_s) + " s without SQL)";
+      span(line, held);
+    }
+    var trace = traceLink(n);
+    if (trace) {
+      span(line, " · trace ");
+      line.appendChild(trace);
+    }
+    if (root) {
+      var text = "blocks " + plural(n.blocked_transitive, "session") + " (" +
+        n.blocked_direct + " directly), longest chain " + n.longest_chain;
+      if (n.lock_wait_max_s) text += ", longest wait " + seconds(n.lock_wait_max_s) + " s";
+      span(line, text, "count");
+    }
+    li.appendChild(line);
+    var kids = n.children || [];
+    if (kids.length || n.more) {
+      var ul = document.createElement("ul");
+      kids.forEach(function (c) { ul.appendChild(blockingNode(c, false)); });
+      if (n.more) {
+        var more = document.createElement("li");
+        more.className = "more";
+        more.textContent = "… and " + plural(n.more, "more blocked session");
+        ul.appendChild(more);
+      }
+      li.appendChild(ul);
+    }
+    return li;
+  }
+
+  function renderBlocking(data) {
+    var section = document.getElementById("blocking");
+    var tree = document.getElementById("blocking-tree");
+    tree.textContent = "";
+    var roots = (data && data.roots) || [];
+    var cycles = (data && data.cycles) || [];
+    if (!roots.length && !cycles.length) {
+      section.hidden = true;
+      return;
+    }
+    roots.forEach(function (r) { tree.appendChild(blockingNode(r, true)); });
+    if (data.more_roots) {
+      var more = document.createElement("li");
+      more.className = "more";
+      more.textContent = "… and " + plural(data.more_roots, "more root blocker");
+      tree.appendChild(more);
+    }
+    cycles.forEach(function (c) {
+      var li = document.createElement("li");
+      li.className = "cycle";
+      li.textContent = "deadlock between pids " + c.pids.join(", ") + " (PostgreSQL ends it " +
+        "after deadlock_timeout), " + plural(c.blocked_transitive, "more session") + " behind it";
+      tree.appendChild(li);
+    });
+    document.getElementById("blocking-count").textContent =
+      "(" + plural(data.blocked_backends, "session") + " waiting)";
+    section.hidden = false;
+  }
+
   function renderStatus(data) {
     var status = document.getElementById("status");
     var live = data.processes.filter(function (p) { return p.state === "live"; }).length;
@@ -186,8 +291,11 @@
   }
 
   function refresh() {
-    Promise.all([getJSON("/api/pools"), getJSON("/api/checkouts")]).then(function (res) {
+    // The blocking tree is an extra: the page works without it (an older sidecar).
+    var blocking = getJSON("/api/blocking").catch(function () { return null; });
+    Promise.all([getJSON("/api/pools"), getJSON("/api/checkouts"), blocking]).then(function (res) {
       renderStatus(res[0]);
+      renderBlocking(res[2]);
       renderPools(res[0]);
       serverRows = {};
       res[1].forEach(function (h) { serverRows[holdKey(h)] = h; });

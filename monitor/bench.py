@@ -309,7 +309,10 @@ def report(result: dict[str, Any]) -> str:
     lines.append(
         "instrumented = default settings; no_code_sites = code_sites=False; "
         "with_sidecar = snapshot_dir set (the snapshot thread runs, holds go on the board). "
-        "handler: the empty cycle 100 lines into a function. "
+        "instrumented runs with OpenTelemetry installed and no span current (tracing "
+        "absent); no_trace_ctx = trace_context=False; traced = every cycle under a sampled "
+        "SDK span (the hold keeps its context); traced_wait = traced + trace_pool_wait=True "
+        "(a pool.wait span per checkout). handler: the empty cycle 100 lines into a function. "
         "select1 includes PostgreSQL round trips: read its IQR before its delta."
     )
     if "otel_bare_us" in result:

@@ -109,12 +109,14 @@ def timeseries_panel(
     threshold: float | str | None = None,
     unstacked: Sequence[str] = (),
     colors: dict[str, str] | None = None,
+    dashed: Sequence[str] = (),
     repeat: str | None = None,
 ) -> timeseries.Panel:
     """A time series. `threshold` draws a dashed red line (usually the alert's threshold);
     `unstacked` names series (e.g. a "max" line) drawn as dashed lines over a stack;
-    `colors` maps a regex of series names to a fixed colour; `repeat` repeats the panel
-    for each selected value of a variable."""
+    `colors` maps a regex of series names to a fixed colour; `dashed` are regexes of series
+    names drawn as dashed lines without fill, in their own colours (a limit per series);
+    `repeat` repeats the panel for each selected value of a variable."""
     panel = timeseries.Panel()
     _common(panel, title, description, unit, queries, w, h)
     panel.line_width(1).fill_opacity(40 if stack else 10).show_points(cm.VisibilityMode.NEVER)
@@ -158,6 +160,16 @@ def timeseries_panel(
             regex,
             [
                 dm.DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": color}),
+            ],
+        )
+    for regex in dashed:
+        panel.override_by_regexp(
+            regex,
+            [
+                dm.DynamicConfigValue(id_val="custom.fillOpacity", value=0),
+                dm.DynamicConfigValue(
+                    id_val="custom.lineStyle", value={"fill": "dash", "dash": [10, 10]}
+                ),
             ],
         )
     if repeat:
@@ -222,6 +234,61 @@ def table_panel(
         )
     )
     panel.sort_by([cb.TableSortByFieldState().display_name(value_name).desc(True)])
+    return panel
+
+
+def joined_table_panel(
+    title: str,
+    description: str,
+    unit: str,
+    columns: Sequence[tuple[str, Q]],
+    *,
+    sort_by: str,
+    colored: dict[str, Steps] | None = None,
+    w: int = 12,
+    h: int = 8,
+) -> table.Panel:
+    """A table of several instant queries joined on their labels: one row per label set,
+    one column per query (named by `columns`), sorted by column `sort_by` descending.
+    Every query must aggregate to the same labels (e.g. `max by (pool) (...)`), or rows do
+    not join. `colored` colours a column's cells by its steps."""
+    names = [name for name, _ in columns]
+    queries = [q for _, q in columns]
+    if any(not (q.instant and q.table) for q in queries):
+        raise ValueError(f"table {title!r} needs instant table-format queries")
+    if len(queries) < 2 or sort_by not in names or not set(colored or {}) <= set(names):
+        raise ValueError(f"table {title!r}: two or more columns, sorted and coloured by them")
+    panel = table.Panel()
+    _common(panel, title, description, unit, queries, w, h)
+    # Several table-format queries name their values `Value #<refId>`; `merge` joins the
+    # frames into rows on the labels they share.
+    panel.with_transformation(dm.DataTransformerConfig(id_val="merge", options={}))
+    panel.with_transformation(
+        dm.DataTransformerConfig(
+            id_val="organize",
+            options={
+                "excludeByName": {"Time": True},
+                "renameByName": {
+                    f"Value #{chr(ord('A') + i)}": name for i, name in enumerate(names)
+                },
+            },
+        )
+    )
+    for name, steps in (colored or {}).items():
+        panel.override_by_name(
+            name,
+            [
+                dm.DynamicConfigValue(id_val="custom.cellOptions", value={"type": "color-text"}),
+                dm.DynamicConfigValue(
+                    id_val="thresholds",
+                    value={
+                        "mode": "absolute",
+                        "steps": [{"value": v, "color": c} for v, c in steps],
+                    },
+                ),
+            ],
+        )
+    panel.sort_by([cb.TableSortByFieldState().display_name(sort_by).desc(True)])
     return panel
 
 

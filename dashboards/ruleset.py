@@ -20,6 +20,7 @@ import yaml
 
 from dashboards import series as s
 from dashboards.thresholds import Settings, Value, format_number, resolve
+from monitor.sizing import WAITED_S
 
 RATE_WINDOW = "5m"
 #: Where each alert's runbook lives; the anchor is the alert name in lower case.
@@ -70,6 +71,19 @@ IDLE_SHARE = f"pool:sqlalchemy_pool_idle_in_use_share:ratio_rate{RATE_WINDOW}"
 SITE_USE_RATE = f"pool_site:sqlalchemy_pool_site_use_time_seconds:rate{RATE_WINDOW}"
 SITE_IDLE_RATE = f"pool_site:sqlalchemy_pool_site_idle_in_use_time_seconds:rate{RATE_WINDOW}"
 PG_USAGE = "pg:pg_app_backends:usable_ratio"
+#: The measured inputs of the sizing model (monitor/sizing.py), per service and pool, from
+#: Prometheus alone; the offered load (connections held on average) is `HOLD_RATE`.
+CHECKOUT_RATE = f"pool:sqlalchemy_pool_checkouts:rate{RATE_WINDOW}"
+USE_MEAN = f"pool:db_client_connection_use_time_seconds:mean{RATE_WINDOW}"
+WAIT_MEAN = f"pool:db_client_connection_wait_time_seconds:mean{RATE_WINDOW}"
+WAITED_RATIO = f"pool:db_client_connection_waited:ratio_rate{RATE_WINDOW}"
+#: The fleet's connection budget: every pod, process and pool against the server.
+FLEET_MAX = "fleet:db_client_connection_max:sum"
+FLEET_RECOMMENDED = "fleet:pool_monitor_advice_recommended_connections:sum"
+FLEET_BUDGET = "fleet:db_client_connection_max:budget_ratio"
+#: A checkout that waited at most this long did not queue: `monitor.sizing.WAITED_S`, as
+#: the `le` of the wait-time bucket that ends there (a bound of `SECONDS_BUCKETS`).
+WAITED_LE = f"{WAITED_S:g}"
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,16 @@ def _histogram_rules(otel_name: str, key: tuple[str, ...]) -> list[Recording]:
         for q in QUANTILES[otel_name]
     ]
     return rules
+
+
+def _mean_rule(record: str, otel_name: str, key: str) -> Recording:
+    """Mean of a histogram's observations over the window: rate(sum) / rate(count)."""
+    stem = s.m(otel_name)
+    return Recording(
+        record,
+        f"sum by ({key}) (rate({stem}_sum[{RATE_WINDOW}])) "
+        f"/ (sum by ({key}) (rate({stem}_count[{RATE_WINDOW}])) > 0)",
+    )
 
 
 def recording_rules() -> list[Recording]:
@@ -135,6 +159,26 @@ def recording_rules() -> list[Recording]:
             f"(rate({s.m('sqlalchemy.pool.site_idle_in_use_time')}[{RATE_WINDOW}]))",
         ),
     ]
+    # The sizing model's measured inputs (monitor/sizing.py), all processes and replicas
+    # of a service together: arrival rate λ, mean hold W, mean wait and the share of
+    # checkouts that waited. The offered load λW is HOLD_RATE above (connections held on
+    # average); per process it is that divided by the processes serving the pool.
+    wait = s.m(WAIT)
+    rules += [
+        Recording(
+            CHECKOUT_RATE,
+            f"sum by ({key}) (rate({s.m('sqlalchemy.pool.checkouts')}[{RATE_WINDOW}]))",
+        ),
+        _mean_rule(USE_MEAN, USE, key),
+        _mean_rule(WAIT_MEAN, WAIT, key),
+        # Waited = waited longer than 1 ms, monitor.sizing's WAITED_S (`measured_wait`):
+        # every checkout outside the bucket that ends at 1 ms.
+        Recording(
+            WAITED_RATIO,
+            f'1 - sum by ({key}) (rate({wait}_bucket{{le="{WAITED_LE}"}}[{RATE_WINDOW}])) '
+            f"/ (sum by ({key}) (rate({wait}_count[{RATE_WINDOW}])) > 0)",
+        ),
+    ]
     for name in (LOCK_WAIT, LOCK_HOLD):
         rules += _histogram_rules(name, SERVICE_LOCK)
     rules.append(
@@ -146,6 +190,27 @@ def recording_rules() -> list[Recording]:
             "/ (pg_max_connections - pg_reserved_connections > 0)",
         )
     )
+    maximum = s.m("db.client.connection.max")
+    rules += [
+        # The fleet: every pod, process and pool this Prometheus scrapes (scrape the
+        # sidecars, not the workers too, or each process counts twice).
+        Recording(FLEET_MAX, f"sum({maximum})"),
+        # Each sidecar's advice is per process: times its processes, per pod and pool
+        # (the two gauges carry the same labels), over the pools with a size (`> 0`, as
+        # the saturation rule), as /api/advice and `pool-monitor advise` count them.
+        Recording(
+            FLEET_RECOMMENDED,
+            f"sum({s.ADVICE_RECOMMENDED} * {s.ADVICE_PROCESSES} and {maximum} > 0)",
+        ),
+        # One database assumed: every pool scraped here connects to the same PostgreSQL
+        # server, whose usable connections (max_connections - reserved) every sidecar
+        # watching it reports alike (hence max). Pools on several servers need one
+        # Prometheus, or one rule with its own selectors, per server.
+        Recording(
+            FLEET_BUDGET,
+            f"{FLEET_MAX} / (max(pg_max_connections) - max(pg_reserved_connections) > 0)",
+        ),
+    ]
     return rules
 
 

@@ -51,6 +51,31 @@ BLOCKING_SERIES: tuple[str, ...] = (BLOCKED_BACKENDS, BLOCKING_CHAIN, BLOCKING_L
 #: `code_site` of roots no instrumented hold is attributed to (`monitor.sidecar.blocking`).
 UNKNOWN_SITE = "(unknown)"
 
+#: The sidecar's sizing advice (`/api/advice`, `monitor.sidecar.advice`): per pool and per
+#: process, over the sidecar's advice window; exported once the window has two scans.
+ADVICE_PROCESSES = "pool_monitor_advice_processes"
+ADVICE_ARRIVAL_RATE = "pool_monitor_advice_arrival_rate"
+ADVICE_MEAN_HOLD = "pool_monitor_advice_mean_hold_seconds"
+ADVICE_OFFERED_LOAD = "pool_monitor_advice_offered_load"
+ADVICE_PREDICTED_P_WAIT = "pool_monitor_advice_predicted_wait_probability"
+ADVICE_PREDICTED_WAIT = "pool_monitor_advice_predicted_mean_wait_seconds"
+ADVICE_MEASURED_P_WAIT = "pool_monitor_advice_measured_wait_probability"
+ADVICE_MEASURED_WAIT = "pool_monitor_advice_measured_mean_wait_seconds"
+ADVICE_RECOMMENDED = "pool_monitor_advice_recommended_max_connections"
+ADVICE_WARNINGS = "pool_monitor_advice_model_warnings"
+ADVICE_SERIES: tuple[str, ...] = (
+    ADVICE_PROCESSES,
+    ADVICE_ARRIVAL_RATE,
+    ADVICE_MEAN_HOLD,
+    ADVICE_OFFERED_LOAD,
+    ADVICE_PREDICTED_P_WAIT,
+    ADVICE_PREDICTED_WAIT,
+    ADVICE_MEASURED_P_WAIT,
+    ADVICE_MEASURED_WAIT,
+    ADVICE_RECOMMENDED,
+    ADVICE_WARNINGS,
+)
+
 _HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 
@@ -79,12 +104,13 @@ def catalogue_series() -> frozenset[str]:
 
 
 def allowed_metric_names(recording_rules: Iterable[str] = ()) -> frozenset[str]:
-    """Catalogue series + sidecar PostgreSQL and blocking series + snapshot errors + our
-    recordings."""
+    """Catalogue series + sidecar PostgreSQL, blocking and advice series + snapshot errors
+    + our recordings."""
     return (
         catalogue_series()
         | set(PG_SERIES)
         | {SNAPSHOT_ERRORS, SIDECAR_SCAN_AGE}
         | set(BLOCKING_SERIES)
+        | set(ADVICE_SERIES)
         | set(recording_rules)
     )

@@ -5,8 +5,9 @@ Everything a reader looks up by name comes from where the code keeps it:
 - the pool and lock metrics from `monitor.catalogue.METRICS`, their Prometheus series by
   running them through the exporter's own `families()` (so `_total`, `_seconds` and a
   histogram's `_bucket`/`_sum`/`_count` are what a scrape really shows);
-- the sidecar's `pg_*` and health series by rendering `monitor.sidecar.metrics.Registries`
-  over a made-up view (names, types, labels and help text are the collectors' own);
+- the sidecar's `pg_*`, sizing advice and health series by rendering
+  `monitor.sidecar.metrics.Registries` over a made-up view, and an advice window fed two
+  made-up scans (names, types, labels and help text are the collectors' own);
 - the library's settings from `monitor.config` (the `#:` comment above each field, the
   ranges the parser enforces) and the sidecar's options from its argparse parser.
 
@@ -49,6 +50,7 @@ from monitor.catalogue import (  # noqa: E402
 )
 from monitor.exporters.prometheus import families  # noqa: E402
 from monitor.histogram import Histogram  # noqa: E402
+from monitor.sidecar import advice as sidecar_advice  # noqa: E402
 from monitor.sidecar import config as sidecar_config  # noqa: E402
 from monitor.sidecar import files, merge, postgres  # noqa: E402
 from monitor.sidecar import metrics as sidecar_metrics  # noqa: E402
@@ -210,14 +212,39 @@ def _pg(configured: bool, up: bool, last_success: float | None) -> _DocsPostgres
     return _DocsPostgres(view, last_success)
 
 
-def sidecar_states() -> list[tuple[str, _DocsPostgres]]:
-    """The sidecar's PostgreSQL side in the states that export different families, each
-    with what it means to a reader; the first state exporting a family names its condition."""
+def _advice_window() -> sidecar_advice.AdviceWindow:
+    """An advice window fed two made-up scans of one pool a minute apart (two processes of
+    10 connections, 50 checkouts/s each holding 50 ms, a few waiting): the
+    `pool_monitor_advice_*` gauges export a pool's samples once its window has two."""
+    window = sidecar_advice.AdviceWindow()
+    for at, checkouts in ((0.0, 0), (60.0, 6000)):
+        wait = Histogram()
+        for value in [0.0002] * (checkouts * 98 // 100) + [0.004] * (checkouts * 2 // 100):
+            wait.observe(value)
+        use = Histogram()
+        use.sum = checkouts * 0.05
+        pool = {
+            "pool": "orders-api",
+            "processes": 2,
+            "counters": {sidecar_advice.CHECKOUTS: checkouts},
+            "gauges": {sidecar_advice.MAX: 20},
+            "histograms": {sidecar_advice.USE: use.to_dict(), sidecar_advice.WAIT: wait.to_dict()},
+        }
+        window.record(View(at, 0.0, [pool], {}, [], dict.fromkeys(files.REASONS, 0), None, 1))
+    return window
+
+
+def sidecar_states() -> list[tuple[str, _DocsPostgres, sidecar_advice.AdviceWindow | None]]:
+    """The sidecar's PostgreSQL side and advice window in the states that export different
+    families, each with what it means to a reader; the first state exporting a family names
+    its condition."""
+    polled = _pg(configured=True, up=True, last_success=1.0)
     return [
-        ("always", _pg(configured=False, up=False, last_success=None)),
-        ("with a PostgreSQL DSN", _pg(configured=True, up=False, last_success=None)),
-        ("while `pg_up` is 1", _pg(configured=True, up=True, last_success=None)),
-        ("once a PostgreSQL poll succeeded", _pg(configured=True, up=True, last_success=1.0)),
+        ("always", _pg(configured=False, up=False, last_success=None), None),
+        ("with a PostgreSQL DSN", _pg(configured=True, up=False, last_success=None), None),
+        ("while `pg_up` is 1", _pg(configured=True, up=True, last_success=None), None),
+        ("once a PostgreSQL poll succeeded", polled, None),
+        ("once the advice window holds two scans of the pool", polled, _advice_window()),
     ]
 
 
@@ -225,18 +252,24 @@ def _collect(registry: CollectorRegistry) -> list[PromMetric]:
     return list(registry.collect())
 
 
+#: The data registry's sizing advice families, documented in a section of their own.
+ADVICE_PREFIX = "pool_monitor_advice_"
+
+
 def sidecar_families() -> dict[str, list[tuple[PromMetric, str]]]:
-    """The sidecar's own families (`data` minus the merged pools, and `health`), each with
-    the condition under which it is exported, rendered by the sidecar's `Registries`."""
-    out: dict[str, list[tuple[PromMetric, str]]] = {"data": [], "health": []}
+    """The sidecar's own families: `data` (minus the merged pools and the advice),
+    `advice` (the `pool_monitor_advice_*` gauges) and `health`, each with the condition
+    under which it is exported, rendered by the sidecar's `Registries`."""
+    out: dict[str, list[tuple[PromMetric, str]]] = {"data": [], "advice": [], "health": []}
     seen: set[str] = set()
-    for condition, pg in sidecar_states():
-        registries = sidecar_metrics.Registries(_health_view, pg)
+    for condition, pg, advice in sidecar_states():
+        registries = sidecar_metrics.Registries(_health_view, pg, advice=advice)
         for part in ("data", "health"):
             for family in _collect(getattr(registries, part)):
                 if family.name not in seen:
                     seen.add(family.name)
-                    out[part].append((family, condition))
+                    kind = "advice" if family.name.startswith(ADVICE_PREFIX) else part
+                    out[kind].append((family, condition))
     return out
 
 
@@ -294,7 +327,8 @@ def render_metrics() -> str:
         "  every worker process of the pod: gauges summed over the live workers (except",
         f"  {maxed}: the largest), counters and histograms over every worker",
         "  that ever wrote, so they never go down when one exits. Then the",
-        "  [PostgreSQL series](#sidecar-postgresql-series) and the",
+        "  [PostgreSQL series](#sidecar-postgresql-series), the",
+        "  [sizing advice](#sidecar-sizing-advice-series) and the",
         "  [sidecar's health](#sidecar-health-series). See the",
         "  [workers and sidecar guide](guides/workers-and-sidecar.md).",
         "- **OpenTelemetry**: `monitor.instrument_otel(meter_provider=...)` publishes the",
@@ -340,6 +374,21 @@ def render_metrics() -> str:
         "[PoolCodeSiteBlockingSessions](../dashboards/README.md#poolcodesiteblockingsessions).",
         "",
         *_sidecar_table(sidecar["data"]),
+        "",
+        "## Sidecar: sizing advice series",
+        "",
+        "Erlang C on the load the sidecar measured over its last `--advice-window` seconds",
+        "(`/api/advice`, which also says the model's warnings in words), per pool and **per",
+        "process**: each worker process has its own pool, so the arrival rate, the offered",
+        "load and the sizes are one process's. A pool's series appear once the window holds",
+        "two scans of it; the predicted mean wait is left out while the load reaches the size",
+        "(no steady state). The recording rules `pool:sqlalchemy_pool_checkouts:rate5m`,",
+        "`pool:db_client_connection_{use,wait}_time_seconds:mean5m`,",
+        "`pool:db_client_connection_waited:ratio_rate5m` and the `fleet:` budget rules compute",
+        "the model's inputs from Prometheus alone ([dashboards](../dashboards/README.md#rules));",
+        "the [sizing guide](guides/sizing.md) explains the model.",
+        "",
+        *_sidecar_table(sidecar["advice"]),
         "",
         "## Sidecar: health series",
         "",

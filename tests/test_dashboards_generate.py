@@ -23,6 +23,7 @@ from dashboards.panels import Q
 from dashboards.promql import label_values_metric, metric_names, substitute
 from dashboards.ruleset import recording_names, render_rules
 from dashboards.series import (
+    ADVICE_SERIES,
     BLOCKING_SERIES,
     PG_SERIES,
     SIDECAR_SCAN_AGE,
@@ -31,7 +32,8 @@ from dashboards.series import (
 )
 from dashboards.thresholds import ALERTS, THRESHOLDS, OverrideError, defaults_table
 from dashboards.writer import TABLE_BEGIN, TABLE_END, expected_files, with_thresholds_table
-from monitor.catalogue import METRICS
+from monitor.catalogue import METRICS, SECONDS_BUCKETS
+from monitor.sizing import WAITED_S
 
 PKG = Path(dashboards.__file__).resolve().parent
 ALLOWED = allowed_metric_names(recording_names())
@@ -197,6 +199,13 @@ def test_overview_has_the_panels_the_issue_asks_for(models: dict[str, dict[str, 
         "Connect time p50 / p99",
         "Invalidations by kind",
         "Connect errors",
+        "Sizing: how big should the pool be? (advice per process, next to the wait)",
+        "Offered load vs size, per process",
+        "P(wait): predicted vs measured",
+        "Mean wait per checkout: predicted vs measured",
+        "Pool size per process: current vs recommended",
+        "Fleet connections: current vs recommended sizes vs the server",
+        "Fleet budget used",
         "Blocking: whose transactions hold the locks others wait for",
         "Sessions blocked, by root blocker's code site",
         "Longest lock wait, by root blocker's code site",
@@ -263,6 +272,244 @@ def test_exemplars_on_exactly_the_raw_hold_and_wait_histogram_queries(
         }, title
     for title in ("Checkouts per second", "Checkout timeouts", "Connect time p50 / p99"):
         assert "exemplar" not in _target(overview, title, "A"), title
+
+
+def _queries(model: dict[str, Any], title: str) -> list[tuple[str, str, str, bool]]:
+    """(refId, expr, legend, instant) of each target of the panel titled `title`."""
+    panel = next(p for p in panels(model) if p.get("title") == title)
+    return [
+        (t["refId"], t["expr"], t.get("legendFormat", ""), t["instant"]) for t in panel["targets"]
+    ]
+
+
+def test_sizing_row_puts_the_advice_next_to_the_measured_wait(
+    models: dict[str, dict[str, Any]],
+) -> None:
+    overview = models["pool-overview.json"]
+    by_title = {p["title"]: p for p in panels(overview)}
+
+    def mx(metric: str) -> str:
+        return f"max by (db_client_connection_pool_name) ({metric}{{{POOL_FILTER}}})"
+
+    size = (
+        f"max by (db_client_connection_pool_name) (db_client_connection_max{{{POOL_FILTER}}} "
+        f"/ pool_monitor_advice_processes{{{POOL_FILTER}}})"
+    )
+    pool = "{{db_client_connection_pool_name}}"
+    assert _queries(overview, "Offered load vs size, per process") == [
+        ("A", mx("pool_monitor_advice_offered_load"), f"{pool} offered load", False),
+        ("B", size, f"{pool} size", False),
+    ]
+    assert _queries(overview, "P(wait): predicted vs measured") == [
+        ("A", mx("pool_monitor_advice_predicted_wait_probability"), f"{pool} predicted", False),
+        ("B", mx("pool_monitor_advice_measured_wait_probability"), f"{pool} measured", False),
+        (
+            "C",
+            f"pool:db_client_connection_waited:ratio_rate5m{{{POOL_FILTER}}}",
+            f"{pool} measured (5m)",
+            False,
+        ),
+    ]
+    assert _queries(overview, "Mean wait per checkout: predicted vs measured") == [
+        ("A", mx("pool_monitor_advice_predicted_mean_wait_seconds"), f"{pool} predicted", False),
+        ("B", mx("pool_monitor_advice_measured_mean_wait_seconds"), f"{pool} measured", False),
+        (
+            "C",
+            f"pool:db_client_connection_wait_time_seconds:mean5m{{{POOL_FILTER}}}",
+            f"{pool} measured (5m)",
+            False,
+        ),
+    ]
+    assert _queries(overview, "Pool size per process: current vs recommended") == [
+        ("A", mx("pool_monitor_advice_processes"), "", True),
+        ("B", size, "", True),
+        ("C", mx("pool_monitor_advice_recommended_max_connections"), "", True),
+        ("D", mx("pool_monitor_advice_model_warnings"), "", True),
+    ]
+    assert _queries(overview, "Fleet connections: current vs recommended sizes vs the server") == [
+        ("A", "fleet:db_client_connection_max:sum", "at current sizes", False),
+        (
+            "B",
+            "fleet:pool_monitor_advice_recommended_connections:sum",
+            "at recommended sizes",
+            False,
+        ),
+        (
+            "C",
+            "max(pg_max_connections) - max(pg_reserved_connections)",
+            "server's usable connections",
+            False,
+        ),
+    ]
+    assert _queries(overview, "Fleet budget used") == [
+        ("A", "fleet:db_client_connection_max:budget_ratio", "fleet", False)
+    ]
+    # Units, and the default target of the advice as the dashed line.
+    units = {
+        title: by_title[title]["fieldConfig"]["defaults"]["unit"]
+        for title in (
+            "Offered load vs size, per process",
+            "P(wait): predicted vs measured",
+            "Mean wait per checkout: predicted vs measured",
+            "Fleet budget used",
+        )
+    }
+    assert units == {
+        "Offered load vs size, per process": "short",
+        "P(wait): predicted vs measured": "percentunit",
+        "Mean wait per checkout: predicted vs measured": "s",
+        "Fleet budget used": "percentunit",
+    }
+    for title, target in (
+        ("P(wait): predicted vs measured", 0.01),
+        ("Mean wait per checkout: predicted vs measured", 0.005),
+    ):
+        defaults = by_title[title]["fieldConfig"]["defaults"]
+        assert defaults["thresholds"]["steps"] == [
+            {"color": "green", "value": None},
+            {"color": "red", "value": target},
+        ], title
+        assert defaults["custom"]["thresholdsStyle"] == {"mode": "dashed"}, title
+    # The size per process, and the server's limit, are drawn dashed.
+    assert by_title["Offered load vs size, per process"]["fieldConfig"]["overrides"] == [
+        {
+            "matcher": {"id": "byRegexp", "options": " size$"},
+            "properties": [
+                {"id": "custom.fillOpacity", "value": 0},
+                {"id": "custom.lineStyle", "value": {"dash": [10, 10], "fill": "dash"}},
+            ],
+        }
+    ]
+    fleet = by_title["Fleet connections: current vs recommended sizes vs the server"]
+    assert [o["matcher"] for o in fleet["fieldConfig"]["overrides"]] == [
+        {"id": "byName", "options": "server's usable connections"}
+    ]
+    # The table joins its four queries into one row per pool, named columns.
+    table = by_title["Pool size per process: current vs recommended"]
+    assert table["type"] == "table"
+    assert all(t["format"] == "table" for t in table["targets"])
+    assert table["transformations"] == [
+        {"id": "merge", "options": {}},
+        {
+            "id": "organize",
+            "options": {
+                "excludeByName": {"Time": True},
+                "renameByName": {
+                    "Value #A": "processes",
+                    "Value #B": "size now",
+                    "Value #C": "recommended",
+                    "Value #D": "model warnings",
+                },
+            },
+        },
+    ]
+    assert table["options"]["sortBy"] == [{"desc": True, "displayName": "model warnings"}]
+    assert table["fieldConfig"]["overrides"] == [
+        {
+            "matcher": {"id": "byName", "options": "model warnings"},
+            "properties": [
+                {"id": "custom.cellOptions", "value": {"type": "color-text"}},
+                {
+                    "id": "thresholds",
+                    "value": {
+                        "mode": "absolute",
+                        "steps": [
+                            {"color": "green", "value": None},
+                            {"color": "orange", "value": 1},
+                        ],
+                    },
+                },
+            ],
+        }
+    ]
+    assert by_title["Fleet budget used"]["fieldConfig"]["defaults"]["thresholds"]["steps"] == [
+        {"color": "green", "value": None},
+        {"color": "orange", "value": 0.8},
+        {"color": "red", "value": 1},
+    ]
+    # How to read them: per process, and where the warnings' words are.
+    sizing = [
+        by_title[t]
+        for t in (
+            "Offered load vs size, per process",
+            "P(wait): predicted vs measured",
+            "Mean wait per checkout: predicted vs measured",
+            "Pool size per process: current vs recommended",
+        )
+    ]
+    per_process = "The model is per process: each worker process has its own pool"
+    for panel in sizing:
+        assert per_process in panel["description"], panel["title"]
+    assert "/api/advice" in table["description"]
+    for panel in (fleet, by_title["Fleet budget used"]):
+        assert "one database server" in panel["description"], panel["title"]
+    # One row: three panels, then three, filling the width.
+    assert [(p["gridPos"]["x"], p["gridPos"]["w"]) for p in (*sizing[:3], table, fleet)] == [
+        (0, 8),
+        (8, 8),
+        (16, 8),
+        (0, 10),
+        (10, 10),
+    ]
+    assert (
+        by_title["Fleet budget used"]["gridPos"]["x"],
+        by_title["Fleet budget used"]["gridPos"]["w"],
+    ) == (20, 4)
+
+
+def test_sizing_recording_rules_are_exact() -> None:
+    """The sizing model's inputs and the fleet budget, as recorded (their values are
+    checked by promtool in rules/tests/recording_test.yml)."""
+    doc = yaml.safe_load(render_rules()["recording.yml"])
+    rules = {r["record"]: r["expr"] for g in doc["groups"] for r in g["rules"]}
+    key = "namespace, job, service, db_client_connection_pool_name"
+    wait = "db_client_connection_wait_time_seconds"
+    sizing = {
+        "pool:sqlalchemy_pool_checkouts:rate5m",
+        "pool:db_client_connection_use_time_seconds:mean5m",
+        "pool:db_client_connection_wait_time_seconds:mean5m",
+        "pool:db_client_connection_waited:ratio_rate5m",
+        "fleet:db_client_connection_max:sum",
+        "fleet:pool_monitor_advice_recommended_connections:sum",
+        "fleet:db_client_connection_max:budget_ratio",
+    }
+    assert {name: expr for name, expr in rules.items() if name in sizing} == {
+        "pool:sqlalchemy_pool_checkouts:rate5m": (
+            f"sum by ({key}) (rate(sqlalchemy_pool_checkouts_total[5m]))"
+        ),
+        "pool:db_client_connection_use_time_seconds:mean5m": (
+            f"sum by ({key}) (rate(db_client_connection_use_time_seconds_sum[5m])) "
+            f"/ (sum by ({key}) (rate(db_client_connection_use_time_seconds_count[5m])) > 0)"
+        ),
+        "pool:db_client_connection_wait_time_seconds:mean5m": (
+            f"sum by ({key}) (rate(db_client_connection_wait_time_seconds_sum[5m])) "
+            f"/ (sum by ({key}) (rate(db_client_connection_wait_time_seconds_count[5m])) > 0)"
+        ),
+        "pool:db_client_connection_waited:ratio_rate5m": (
+            f'1 - sum by ({key}) (rate({wait}_bucket{{le="0.001"}}[5m])) '
+            f"/ (sum by ({key}) (rate({wait}_count[5m])) > 0)"
+        ),
+        "fleet:db_client_connection_max:sum": "sum(db_client_connection_max)",
+        "fleet:pool_monitor_advice_recommended_connections:sum": (
+            "sum(pool_monitor_advice_recommended_max_connections * pool_monitor_advice_processes "
+            "and db_client_connection_max > 0)"
+        ),
+        "fleet:db_client_connection_max:budget_ratio": (
+            "fleet:db_client_connection_max:sum "
+            "/ (max(pg_max_connections) - max(pg_reserved_connections) > 0)"
+        ),
+    }
+    # The waited bucket is monitor.sizing's threshold, a bucket bound of the histogram.
+    assert WAITED_S in SECONDS_BUCKETS and f"{WAITED_S:g}" == "0.001"
+    # The offered load is the existing hold rate, not a second copy of it.
+    assert rules["pool:sqlalchemy_pool_hold_time_seconds:rate5m"] == (
+        "pool:sqlalchemy_pool_sql_time_seconds:rate5m + "
+        "pool:sqlalchemy_pool_idle_in_use_time_seconds:rate5m"
+    )
+    order = list(rules)
+    assert order.index("fleet:db_client_connection_max:sum") < order.index(
+        "fleet:db_client_connection_max:budget_ratio"
+    )
 
 
 def test_exemplars_need_a_range_query() -> None:
@@ -382,10 +629,20 @@ def test_allowed_set_is_catalogue_plus_sidecar_plus_recordings() -> None:
     assert "db_client_connection_wait_time_seconds" not in names  # only the expanded series
     assert "sqlalchemy_pool_checkouts_total" in names
     assert "db_client_connection_idle_min" not in names  # semconv has it; we do not export it
-    assert set(PG_SERIES) | {SNAPSHOT_ERRORS, SIDECAR_SCAN_AGE} | set(BLOCKING_SERIES) <= names
-    assert len(names) == sum(3 if m.kind == "histogram" else 1 for m in METRICS) + 13
+    sidecar = {SNAPSHOT_ERRORS, SIDECAR_SCAN_AGE} | set(BLOCKING_SERIES) | set(ADVICE_SERIES)
+    assert set(PG_SERIES) | sidecar <= names
+    assert len(names) == sum(3 if m.kind == "histogram" else 1 for m in METRICS) + 23
     assert "pool:db_client_connection_saturation:ratio" not in names
     assert "pool:db_client_connection_saturation:ratio" in ALLOWED
+
+
+def test_advice_series_are_the_ones_the_sidecar_exports() -> None:
+    """`series.ADVICE_SERIES` spells the sidecar's `pool_monitor_advice_*` gauges: the
+    families its collector yields (each one, even before the window has advice)."""
+    from monitor.sidecar.advice import AdviceCollector, AdviceWindow
+
+    exported = [f.name for f in AdviceCollector(AdviceWindow()).collect()]
+    assert exported == list(ADVICE_SERIES)
 
 
 def test_every_dashboard_query_reads_only_allowed_metrics(

@@ -31,10 +31,20 @@ from dashboards.promharness import (
 )
 from dashboards.promql import substitute
 from dashboards.ruleset import USE, WAIT, bucket_rate_name, quantile_name, render_rules
-from dashboards.series import bucket
+from dashboards.series import ADVICE_SERIES, bucket
 from monitor.catalogue import METRICS, SECONDS_BUCKETS
+from monitor.sizing import measured_wait
 
 POOLS = {"api": (10, 0, 10), "background": (2, 3, 10), "shared": (4, 1, 5)}  # used, idle, max
+#: The sidecar's sizing advice per pool (two processes each, so api's size per process is
+#: 5): arrival rate, mean hold, offered load, predicted / measured P(wait) and mean wait,
+#: recommended size per process, model warnings.
+ADVICE = {
+    "api": (60.0, 0.075, 4.5, 0.63, 0.12, 0.7, 0.2, 9, 2),
+    "background": (10.0, 0.05, 0.5, 0.0016, 0.00002, 0.0, 0.0004, 2, 0),
+    "shared": (20.0, 0.05, 1.0, 0.2, 0.01, 0.1, 0.0004, 3, 0),
+}
+ADVICE_PROCESSES = 2
 SITES = (
     "app/orders.py:12:list_orders",
     "demo_app/scenarios/external_call.py:30:anti_process_image",
@@ -84,8 +94,9 @@ EXPECTED_FIRING = {
 
 
 class FakeExporter:
-    """A registry with every catalogue metric, the pg_* series and the snapshot-error
-    counter; a thread keeps counters and histograms moving so rates are non-zero. The hold-
+    """A registry with every catalogue metric, the pg_* series, the sidecar's blocking and
+    advice gauges and the snapshot-error counter; a thread keeps counters and histograms
+    moving so rates are non-zero. The hold-
     and wait-time observations carry exemplars (`trace_id`, `span_id`), as pool-monitor's
     do under a sampled trace; prometheus_client serves them when asked for OpenMetrics."""
 
@@ -153,6 +164,15 @@ class FakeExporter:
             blocked.labels(site, pool, "transitive").set(transitive)
             lock_wait.labels(site, pool).set(12.5)
         Gauge("pool_monitor_blocking_longest_chain", "x", registry=r).set(2)
+        # The sidecar's sizing advice (`pool_monitor_advice_*`), one value per pool.
+        advice = {
+            name: Gauge(name, "x", ["db_client_connection_pool_name"], registry=r)
+            for name in ADVICE_SERIES
+        }
+        for pool, values in ADVICE.items():
+            advice[ADVICE_SERIES[0]].labels(pool).set(ADVICE_PROCESSES)
+            for name, value in zip(ADVICE_SERIES[1:], values, strict=True):
+                advice[name].labels(pool).set(value)
         pg["pg_reserved_connections"].set(3)
         pg["pg_up"].set(1)
         for pool, (used, idle, size) in POOLS.items():
@@ -288,6 +308,47 @@ def test_recording_rules_produce_data(env: Env) -> None:
     assert float(usage["value"][1]) == pytest.approx(90 / 97)
 
 
+def _by_pool(prom: Prometheus, expr: str) -> dict[str, float]:
+    return {
+        r["metric"]["db_client_connection_pool_name"]: float(r["value"][1])
+        for r in prom.wait_for_data(expr)
+    }
+
+
+def test_sizing_recording_rules_measure_what_the_model_reads(env: Env) -> None:
+    """The sizing inputs per service, from the exporter's steady ticks: every checkout
+    holds 0.05 s; api's wait 0.2 s, the others' 0.4 ms. Whether a checkout waited is
+    `monitor.sizing.measured_wait`'s verdict on the same wait, bucketed."""
+    prom = env.prom
+    rates = _by_pool(prom, "pool:sqlalchemy_pool_checkouts:rate5m")
+    assert set(rates) == set(POOLS) and all(v > 0 for v in rates.values()), rates
+    holds = _by_pool(prom, "pool:db_client_connection_use_time_seconds:mean5m")
+    assert holds == pytest.approx(dict.fromkeys(POOLS, 0.05))
+    waits = _by_pool(prom, "pool:db_client_connection_wait_time_seconds:mean5m")
+    assert waits == pytest.approx({"api": 0.2, "background": 0.0004, "shared": 0.0004})
+    waited = _by_pool(prom, "pool:db_client_connection_waited:ratio_rate5m")
+
+    def verdict(wait: float) -> float:
+        counts = [0.0] * (len(SECONDS_BUCKETS) + 1)
+        counts[next((i for i, b in enumerate(SECONDS_BUCKETS) if wait <= b), -1)] = 10
+        share = measured_wait(SECONDS_BUCKETS, counts, 10 * wait)
+        assert share is not None
+        return share[0]
+
+    assert waited == pytest.approx({pool: verdict(w) for pool, w in waits.items()})
+    assert waited == pytest.approx({"api": 1.0, "background": 0.0, "shared": 0.0})
+    # 10 + 10 + 5 connections; recommended 2 processes x (9 + 2 + 3); server 100 - 3.
+    [fleet] = prom.wait_for_data("fleet:db_client_connection_max:sum")
+    assert float(fleet["value"][1]) == 25
+    [recommended] = prom.wait_for_data("fleet:pool_monitor_advice_recommended_connections:sum")
+    assert recommended["metric"] == {
+        "__name__": "fleet:pool_monitor_advice_recommended_connections:sum"
+    }
+    assert float(recommended["value"][1]) == 28
+    [budget] = prom.wait_for_data("fleet:db_client_connection_max:budget_ratio")
+    assert float(budget["value"][1]) == pytest.approx(25 / 97)
+
+
 def test_alerts_fire_with_short_for_and_respect_threshold_overrides(env: Env) -> None:
     prom = env.prom
     saturated = prom.wait_for_alert("PoolSaturated", "firing")
@@ -328,7 +389,7 @@ def test_every_rule_evaluates_without_error(env: Env) -> None:
         return rules if done and rules else None
 
     rules = prom.wait_for(evaluated, "every rule to be evaluated", timeout=20)
-    assert len(rules) == 39
+    assert len(rules) == 46
     assert {
         r["name"]: (r["health"], r.get("lastError", "")) for r in rules if r["health"] != "ok"
     } == {}

@@ -24,10 +24,12 @@ from dashboards.panels import (
     Board,
     Q,
     heatmap_panel,
+    joined_table_panel,
     stat_panel,
     timeseries_panel,
 )
 from dashboards.thresholds import THRESHOLD_BY_NAME
+from monitor.sizing import Target
 
 UID = "pool-monitor-overview"
 P = s.POOL
@@ -263,6 +265,8 @@ def build() -> dict[str, Any]:
         ),
     )
 
+    sizing_row(board, f)
+
     # Every sidecar watching the server sees the same lock waits: max over them, not sum.
     by_root = f"max by ({s.SITE}, {P})"
     board.row("Blocking: whose transactions hold the locks others wait for").add(
@@ -306,3 +310,132 @@ def build() -> dict[str, Any]:
         ),
     )
     return board.to_dict()
+
+
+#: Said by every Sizing panel: the unit the model works in.
+PER_PROCESS = (
+    "The model is per process: each worker process has its own pool, so the load, the size "
+    "and the waits are one process's (sidecar gauges: the highest over pods)."
+)
+
+
+def sizing_row(board: Board, f: str) -> None:
+    """The sidecar's sizing advice (Erlang C per process, `/api/advice`) next to what the
+    pool measured: the advice gauges, and the recording rules' inputs of the same model."""
+    target = Target()
+    by_pool = f"max by ({P})"
+    size = f"{s.m('db.client.connection.max')}{{{f}}} / {s.ADVICE_PROCESSES}{{{f}}}"
+    board.row("Sizing: how big should the pool be? (advice per process, next to the wait)").add(
+        timeseries_panel(
+            "Offered load vs size, per process",
+            "Connections in use on average in one process (offered load = arrival rate per "
+            "process x mean hold, in Erlangs, over the sidecar's advice window) against one "
+            "process's pool size, pool_size + max_overflow (dashed). Load well below the "
+            "size: checkouts rarely wait. Close to it: they queue; at or above it the queue "
+            f"grows without bound until checkouts time out. {PER_PROCESS}",
+            "short",
+            [
+                Q(f"{by_pool} ({s.ADVICE_OFFERED_LOAD}{{{f}}})", f"{lbl(P)} offered load"),
+                Q(f"{by_pool} ({size})", f"{lbl(P)} size"),
+            ],
+            w=8,
+            dashed=(" size$",),
+        ),
+        timeseries_panel(
+            "P(wait): predicted vs measured",
+            "Share of checkouts that wait for a connection. 'predicted': Erlang C at the "
+            "current size, from the measured arrival rate and hold. 'measured': the share "
+            "that waited 1 ms or more, over the sidecar's window (per pod) and over 5 "
+            "minutes from Prometheus ('5m', all pods of the service). The dashed line is the "
+            f"default target ({target.p_wait:.0%}). Measured far above predicted: bursty "
+            "arrivals or holds that grow with load; the model does not fit, trust the "
+            f"measurement (see the warnings in the table). {PER_PROCESS}",
+            "percentunit",
+            [
+                Q(f"{by_pool} ({s.ADVICE_PREDICTED_P_WAIT}{{{f}}})", f"{lbl(P)} predicted"),
+                Q(f"{by_pool} ({s.ADVICE_MEASURED_P_WAIT}{{{f}}})", f"{lbl(P)} measured"),
+                Q(f"{r.WAITED_RATIO}{{{f}}}", f"{lbl(P)} measured (5m)"),
+            ],
+            w=8,
+            threshold=target.p_wait,
+        ),
+        timeseries_panel(
+            "Mean wait per checkout: predicted vs measured",
+            "Mean wait for a connection over all checkouts (those that did not wait count "
+            "as 0). 'predicted': Erlang C at the current size (no line while the load "
+            "reaches the size: the wait is unbounded). 'measured': from the wait-time "
+            "histogram, over the sidecar's window and over 5 minutes ('5m', all pods). The "
+            f"dashed line is the default target ({target.mean_wait_s * 1000:g} ms). "
+            f"{PER_PROCESS}",
+            "s",
+            [
+                Q(f"{by_pool} ({s.ADVICE_PREDICTED_WAIT}{{{f}}})", f"{lbl(P)} predicted"),
+                Q(f"{by_pool} ({s.ADVICE_MEASURED_WAIT}{{{f}}})", f"{lbl(P)} measured"),
+                Q(f"{r.WAIT_MEAN}{{{f}}}", f"{lbl(P)} measured (5m)"),
+            ],
+            w=8,
+            threshold=target.mean_wait_s,
+        ),
+        joined_table_panel(
+            "Pool size per process: current vs recommended",
+            "Per pool: the worker processes serving it, one process's size now "
+            "(pool_size + max_overflow), the smallest size Erlang C says meets the target "
+            "(P(wait) and mean wait below the sidecar's --advice-target-*), and how many "
+            "reasons the model may not fit now (too few checkouts, no size, load at or "
+            "above the size, measured P(wait) far from predicted, bursty arrivals, hold "
+            "time rising with load). The sidecar's /api/advice says those warnings in "
+            "words; a non-zero count means read them before resizing. Set pool_size + "
+            f"max_overflow per process to the recommendation. {PER_PROCESS}",
+            "short",
+            [
+                ("processes", _instant(f"{by_pool} ({s.ADVICE_PROCESSES}{{{f}}})")),
+                ("size now", _instant(f"{by_pool} ({size})")),
+                ("recommended", _instant(f"{by_pool} ({s.ADVICE_RECOMMENDED}{{{f}}})")),
+                ("model warnings", _instant(f"{by_pool} ({s.ADVICE_WARNINGS}{{{f}}})")),
+            ],
+            sort_by="model warnings",
+            colored={"model warnings": ((None, GREEN), (1, ORANGE))},
+            w=10,
+        ),
+        timeseries_panel(
+            "Fleet connections: current vs recommended sizes vs the server",
+            "Connections every pod, process and pool may open at their current sizes (sum "
+            "of max), the same at the recommended sizes (recommended x processes, summed), "
+            "and the connections the PostgreSQL server lets ordinary roles open "
+            "(max_connections - reserved, dashed). Fleet-wide: the filters above do not "
+            "apply, and one database server is assumed. Either sum above the dashed line: "
+            "a burst can fail with 'remaining connection slots are reserved'.",
+            "short",
+            [
+                Q(r.FLEET_MAX, "at current sizes"),
+                Q(r.FLEET_RECOMMENDED, "at recommended sizes"),
+                Q(
+                    "max(pg_max_connections) - max(pg_reserved_connections)",
+                    "server's usable connections",
+                ),
+            ],
+            w=10,
+            unstacked=("server's usable connections",),
+        ),
+        stat_panel(
+            "Fleet budget used",
+            "The fleet's maximum connections (every pod, process and pool at its current "
+            "size) as a share of the server's usable connections (max_connections - "
+            "reserved). Orange from the PostgresConnectionsNearLimit threshold, red above "
+            "100%: the pools together may open more connections than the server accepts. "
+            "Fleet-wide, one database server assumed.",
+            "percentunit",
+            [Q(r.FLEET_BUDGET, "fleet")],
+            w=4,
+            h=8,
+            steps=(
+                (None, GREEN),
+                (THRESHOLD_BY_NAME["pg_connections_usage_ratio"].default, ORANGE),
+                (1, RED),
+            ),
+        ),
+    )
+
+
+def _instant(expr: str) -> Q:
+    return Q(expr, instant=True, table=True)

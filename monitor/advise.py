@@ -36,8 +36,8 @@ class AdviseError(RuntimeError):
 def parse_duration(text: str) -> float:
     """`30s`, `5m`, `1h`… in seconds (Prometheus' own units); ValueError naming it."""
     match = _DURATION.match(text.strip())
-    if not match or int(match[1]) <= 0:
-        raise ValueError(f"not a duration like 30s, 5m or 1h: {text!r}")
+    if not match or int(match[1]) * _SECONDS[match[2]] < 1:
+        raise ValueError(f"not a duration of a second or more like 30s, 5m or 1h: {text!r}")
     return int(match[1]) * _SECONDS[match[2]]
 
 
@@ -71,14 +71,21 @@ class Prometheus:
 
 
 def _by_pool(result: list[dict[str, Any]]) -> dict[str, float]:
-    return {r["metric"].get(POOL, ""): float(r["value"][1]) for r in result}
-
-
-def _series_by_pool(result: list[dict[str, Any]]) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {}
+    """{pool: value}, finite values only (Prometheus answers NaN for 0/0)."""
+    out = {}
     for r in result:
-        values = [float(v) for _, v in r["values"]]
-        out[r["metric"].get(POOL, "")] = [v for v in values if math.isfinite(v)]
+        value = float(r["value"][1])
+        if math.isfinite(value):
+            out[r["metric"].get(POOL, "")] = value
+    return out
+
+
+def _series_by_pool(result: list[dict[str, Any]]) -> dict[str, dict[float, float]]:
+    """{pool: {timestamp: value}}, finite values only: series are joined on timestamps."""
+    out: dict[str, dict[float, float]] = {}
+    for r in result:
+        points = {float(t): float(v) for t, v in r["values"]}
+        out[r["metric"].get(POOL, "")] = {t: v for t, v in points.items() if math.isfinite(v)}
     return out
 
 
@@ -117,16 +124,20 @@ def gather(
     ):
         le = float(row["metric"]["le"])
         buckets.setdefault(row["metric"].get(POOL, ""), {})[le] = float(row["value"][1])
-    maximum = one(f"sum by ({POOL}) (max_over_time(db_client_connection_max{s}[{r}]))")
-    # Processes per pool: the sidecars say how many they merged; a process scraped
-    # directly is one series of its own.
-    processes = one(f"sum by ({POOL}) (max_over_time(pool_monitor_advice_processes{s}[{r}]))")
-    targets = one(f"count by ({POOL}) (max_over_time(db_client_connection_max{s}[{r}]))")
-    start = end - range_s
+    # Summed over pods first, then over time (a subquery): a rolling deploy inside the
+    # range has old and new pods' series side by side only for a moment, and must not
+    # count twice. Processes per pool: the sidecars say how many they merged (averaged:
+    # λ is a window average too); a process scraped directly is one series of its own.
     step = f"{int(step_s)}s"
-    rates = _series_by_pool(
+    maximum = one(f"max_over_time(sum by ({POOL}) (db_client_connection_max{s})[{r}:{step}])")
+    processes = one(
+        f"avg_over_time(sum by ({POOL}) (pool_monitor_advice_processes{s})[{r}:{step}])"
+    )
+    targets = one(f"max_over_time(count by ({POOL}) (db_client_connection_max{s})[{r}:{step}])")
+    start = end - range_s
+    counts = _series_by_pool(
         prom.series(
-            f"sum by ({POOL}) (rate(sqlalchemy_pool_checkouts_total{s}[{step}]))",
+            f"sum by ({POOL}) (increase(sqlalchemy_pool_checkouts_total{s}[{step}]))",
             start,
             end,
             step_s,
@@ -134,8 +145,9 @@ def gather(
     )
     holds = _series_by_pool(
         prom.series(
-            f"sum by ({POOL}) (rate(db_client_connection_use_time_seconds_sum{s}[{step}])) / "
-            f"sum by ({POOL}) (rate(db_client_connection_use_time_seconds_count{s}[{step}]))",
+            f"sum by ({POOL}) (increase(db_client_connection_use_time_seconds_sum{s}[{step}]))"
+            f" / (sum by ({POOL}) "
+            f"(increase(db_client_connection_use_time_seconds_count{s}[{step}])) > 0)",
             start,
             end,
             step_s,
@@ -148,8 +160,9 @@ def gather(
         if pool in maximum and maximum[pool] > 0:
             size = max(1, math.floor(maximum[pool] / n + 0.5))
         measured = _measured(buckets.get(pool, {}), wait_sum.get(pool, 0.0))
-        pool_rates = rates.get(pool, [])
-        pool_holds = holds.get(pool, [])
+        pool_counts = counts.get(pool, {})
+        pool_holds = holds.get(pool, {})
+        both = sorted(t for t in pool_counts if t in pool_holds)
         advice.append(
             advise(
                 pool,
@@ -161,9 +174,9 @@ def gather(
                 target=target,
                 measured_p_wait=measured[0] if measured else None,
                 measured_mean_wait_s=measured[1] if measured else None,
-                interval_counts=[v * step_s for v in pool_rates],
-                interval_rates=[v / n for v in pool_rates[: len(pool_holds)]],
-                interval_holds=pool_holds[: len(pool_rates)],
+                interval_counts=[pool_counts[t] for t in sorted(pool_counts)],
+                interval_rates=[pool_counts[t] / step_s / n for t in both],
+                interval_holds=[pool_holds[t] for t in both],
             )
         )
     usable = one(f"max(pg_max_connections{s}) - max(pg_reserved_connections{s})")
@@ -237,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prometheus", required=True, metavar="URL", help="Prometheus base URL")
     parser.add_argument("--range", default="1h", help="window to size from (default 1h)")
     parser.add_argument(
-        "--step", default="1m", help="interval for the model-fit checks (default 1m)"
+        "--step",
+        default="5m",
+        help="interval for the model-fit checks (default 5m: at least two scrapes, and long "
+        "enough that when a counter was last written does not read as a burst)",
     )
     parser.add_argument("--end", type=float, help="end of the window, unix time (default now)")
     parser.add_argument(

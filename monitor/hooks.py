@@ -147,12 +147,12 @@ def build_hooks(monitor: Monitored) -> dict[str, Callable[..., Any]]:
             try:
                 fairy = base_connect(pool)
             except BaseException as error:
+                failed_after = _perf() - started
                 checkout_failed(error)
                 if parent is not None:
-                    wait_span(parent, started, error)
+                    wait_span(parent, failed_after, error)
                 raise
-            if parent is not None:
-                wait_span(parent, started, None)
+            got = _perf()
             try:  # noqa: SIM105 - contextlib.suppress costs a context manager per checkout
                 leave_wait()
             except IndexError:  # a fork emptied the child's list while we were inside
@@ -171,10 +171,6 @@ def build_hooks(monitor: Monitored) -> dict[str, Callable[..., Any]]:
                         rec,
                         rec.fairy_ref,
                     )
-                    if keep_context:
-                        span = read_span()  # type: ignore[misc]
-                        if span is not None:
-                            hold.ctx = span.get_span_context()
                     board = board_cell[0]
                     if board is not None:  # on the board before anyone can return it
                         try:
@@ -192,8 +188,14 @@ def build_hooks(monitor: Monitored) -> dict[str, Callable[..., Any]]:
                         transferred(hold)
                     elif holds_setdefault(rec, hold) is not hold:
                         replace(hold)
+                    if keep_context:  # after the hold is in: a span that fails loses only this
+                        span = read_span()  # type: ignore[misc]
+                        if span is not None:
+                            hold.ctx = span.get_span_context()
             except Exception as exc:
                 swallow(monitor, "checkout", exc)
+            if parent is not None:  # last: exporting the span is not part of the wait
+                wait_span(parent, got - started, None)
             return fairy
 
         return connect
@@ -208,9 +210,9 @@ def build_hooks(monitor: Monitored) -> dict[str, Callable[..., Any]]:
             swallow(monitor, "wait span", exc)
             return None
 
-    def wait_span(parent: tuple[Any, int], started: float, error: BaseException | None) -> None:
+    def wait_span(parent: tuple[Any, int], waited: float, error: BaseException | None) -> None:
         try:
-            wait_spans.emit(parent[0], parent[1], _perf() - started, error)  # type: ignore[union-attr]
+            wait_spans.emit(parent[0], parent[1], waited, error)  # type: ignore[union-attr]
         except Exception as exc:
             swallow(monitor, "wait span", exc)
 

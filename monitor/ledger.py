@@ -191,8 +191,13 @@ class Exemplars:
         old = self.by_bucket[index]
         if old is not None and value < old[0] and at - old[2] <= self.window:
             return
+        try:
+            if not ctx.trace_flags.sampled:  # most traces, under head sampling: no ids
+                return
+        except Exception:
+            return
         ids = trace_ids(ctx)
-        if ids is None or not ids.sampled:
+        if ids is None:
             return
         self.by_bucket[index] = (value, at + wall_offset, at, ids.trace_id, ids.span_id)
 

@@ -177,6 +177,7 @@ def advise(
     interval_counts: Sequence[float] = (),
     interval_rates: Sequence[float] = (),
     interval_holds: Sequence[float] = (),
+    burstiness: float | None = None,
 ) -> Advice:
     """Advice from one window: `checkouts` made and `hold_seconds` held over `seconds`
     by `processes` processes whose pools have `size` connections each. The interval
@@ -201,7 +202,9 @@ def advise(
         measured_p_wait=measured_p_wait,
         measured_mean_wait_s=measured_mean_wait_s,
     )
-    advice.warnings = fit_warnings(advice, interval_counts, interval_rates, interval_holds)
+    advice.warnings = fit_warnings(
+        advice, interval_counts, interval_rates, interval_holds, burstiness
+    )
     return advice
 
 
@@ -210,8 +213,11 @@ def fit_warnings(
     interval_counts: Sequence[float] = (),
     interval_rates: Sequence[float] = (),
     interval_holds: Sequence[float] = (),
+    burstiness: float | None = None,
 ) -> list[str]:
-    """Why the model may not fit these measurements, in words a user can act on."""
+    """Why the model may not fit these measurements, in words a user can act on.
+    `burstiness` is an index of dispersion measured elsewhere (the sidecar's, from each
+    process's own intervals); without it, `interval_counts` give one."""
     out: list[str] = []
     if advice.checkouts < MIN_CHECKOUTS:
         out.append(
@@ -238,7 +244,7 @@ def fit_warnings(
             "load does not fit the model here (bursts, or holds that change with load); "
             "trust the measurement"
         )
-    index = dispersion(interval_counts)
+    index = burstiness if burstiness is not None else dispersion(interval_counts)
     if index is not None and index > BURSTY_DISPERSION:
         out.append(
             f"arrivals are bursty (index of dispersion {index:.1f}, 1 for independent "

@@ -767,3 +767,27 @@ def test_releasing_the_root_empties_the_tree_and_the_series(cluster: Cluster) ->
             proc.stdin.flush()
             assert proc.wait(20) == 0
     assert all(p.returncode == 0 for p in cluster.workers.values())
+
+
+def test_a_migration_pile_up_stays_cheap_and_exact() -> None:
+    """N sessions hold ACCESS SHARE on a table, an ALTER TABLE waits on all of them, N more
+    queue behind the ALTER: N roots each reaching N + 1 backends. Reach is bit masks over
+    the condensed graph, so 3,000 sessions build in well under a second (a set per root
+    took 4.6 s and 376 MiB before; printed, not asserted: the machine may be busy)."""
+    n = 3000
+    holders = [backend(1 + i) for i in range(n)]
+    alter = backend(10_000, blocked_by=tuple(1 + i for i in range(n)), lock_wait=2.0)
+    queued = [backend(20_000 + i, blocked_by=(10_000,), lock_wait=1.0) for i in range(n)]
+    started = time.perf_counter()
+    forest = blocking.build(view(), pg_view(*holders, alter, *queued), NOW)
+    sites = blocking.by_site(forest)
+    print(
+        f"\n[bench] blocking forest of {2 * n + 1} backends: {time.perf_counter() - started:.3f} s"
+    )
+    assert len(forest.roots) == n and forest.blocked == n + 1
+    assert {(r.blocked_direct, r.blocked_transitive, r.depth) for r in forest.roots} == {
+        (1, n + 1, 2)
+    }
+    assert {r.lock_wait_max_s for r in forest.roots} == {2.0}
+    [unknown] = sites  # no hold on any of them: one (unknown) label set
+    assert (unknown.direct, unknown.transitive) == (1, n + 1)

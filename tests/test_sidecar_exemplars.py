@@ -20,6 +20,8 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
@@ -176,6 +178,10 @@ def test_openmetrics_exposition_has_the_merged_exemplars(pod: Pod) -> None:
 
 
 def test_plain_text_for_scrapers_that_do_not_ask(pod: Pod) -> None:
+    hostile = pod.http.get(
+        "/metrics", headers={"Accept": "application/openmetrics-text; version=abc"}
+    )
+    assert hostile.status_code == 200 and hostile.headers["content-type"].startswith("text/plain")
     response = pod.http.get("/metrics")
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     assert "trace_id" not in response.text and "# EOF" not in response.text
@@ -313,3 +319,30 @@ def test_an_exemplar_list_of_the_wrong_length_is_rejected(tmp_path: Path) -> Non
     path = put(tmp_path, 1, document)
     with pytest.raises(files.Rejected, match=r"has 2 exemplars for 18 buckets"):
         files.read(str(path))
+
+
+_EXEMPLARS = st.lists(
+    st.tuples(st.floats(0, 10, allow_nan=False), st.floats(1e9, 1e9 + 120, allow_nan=False)),
+    min_size=1,
+    max_size=8,
+)
+
+
+@given(_EXEMPLARS, st.randoms())
+def test_the_merged_exemplar_does_not_depend_on_the_order_of_workers(
+    offered: list[tuple[float, float]], rng: Any
+) -> None:
+    from monitor.sidecar import merge
+
+    def merged(order: list[int]) -> Any:
+        acc: dict[str, Any] = {}
+        for i in order:
+            value, at = offered[i]
+            hist = {"bounds": [], "counts": [1], "sum": value}
+            merge.add_histogram(acc, "h", {**hist, "exemplars": [_exemplar(value, at, i + 1)]})
+        return acc["h"]["exemplars"][0]
+
+    order = list(range(len(offered)))
+    shuffled = order[:]
+    rng.shuffle(shuffled)
+    assert merged(order) == merged(shuffled)

@@ -147,6 +147,38 @@ def test_hold_growth_and_the_warnings_in_words() -> None:
     ]
 
 
+def test_burstiness_from_each_process_own_intervals_ignores_publication_jitter() -> None:
+    """At 1,000 checkouts/s, documents written about once a second (±0.3 s): the
+    scan-to-scan counts of the merged counter would read as wildly bursty; each
+    process's own intervals (its `written_at`) read as what they are, Poisson."""
+    from monitor.sidecar.advice import burstiness
+
+    rng = random.Random(3)
+
+    def increments(rate: float, bursty: bool) -> list[tuple[float, float, float, Any]]:
+        out = []
+        for worker in ("w1", "w2"):
+            t = 0.0
+            for i in range(200):
+                seconds = 1.0 + rng.uniform(-0.3, 0.3)
+                lam = rate * seconds * (8.0 if bursty and i % 10 == 0 else 1.0)
+                n = max(0, round(rng.gauss(lam, math.sqrt(lam))))
+                t += seconds
+                out.append((t, seconds, float(n), worker))
+        return sorted(out)
+
+    steady = burstiness(increments(1000.0, False), 1000.0)
+    assert steady is not None and 0.7 < steady < 1.4
+    bursts = burstiness(increments(1000.0, True), 1700.0)
+    assert bursts is not None and bursts > 10
+    assert burstiness([(1.0, 1.0, 5.0, "w")] * 3, 5.0) is None  # too few pairs
+    jittered = [
+        sum(rng.gauss(1000 * 1.0, 31.6) for _ in range(1)) + rng.choice((-300, 0, 300))
+        for _ in range(300)
+    ]
+    assert (dispersion(jittered) or 0) > 3  # what scan-to-scan counts would have said
+
+
 def test_measured_wait_counts_waits_of_a_millisecond_or_more() -> None:
     bounds = [0.0005, 0.001, 0.0025, 0.005]
     # 90 immediate, 5 under 1 ms (not a wait), 3 up to 2.5 ms, 2 beyond 5 ms.
@@ -193,7 +225,7 @@ def measured(database_url: str) -> Iterator[Measured]:
 
     def scan() -> None:
         while not stop.wait(0.25):
-            window.record(aggregator.scan())
+            window.record(aggregator.scan(), list(aggregator.procs.values()))
 
     scanner = threading.Thread(target=scan, daemon=True)
     try:

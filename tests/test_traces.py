@@ -286,6 +286,11 @@ def test_openmetrics_when_asked_carries_exemplars_plain_text_otherwise(
     assert buckets["0.1"] == buckets["+Inf"] == 1.0
     assert pm.snapshot()["counters"]["sqlalchemy.pool.checkouts"] == 1
 
+    hostile = _get(app, "application/openmetrics-text; version=abc")  # prometheus_client
+    assert hostile.status_code == 200  # raises on it: the plain text format instead
+    assert hostile.headers["content-type"].startswith("text/plain")
+    assert "db_client_connection_use_time_seconds_bucket" in hostile.text
+
 
 # -- trace ids in alerts and warnings ------------------------------------------------------
 def test_long_held_alert_and_event_carry_the_trace(
@@ -453,3 +458,42 @@ def test_otel_bridge_records_with_the_span_context_so_the_sdk_keeps_exemplars(
     assert exemplar.span_id == request.get_span_context().span_id
     assert exemplar.value >= 0.02
     provider.shutdown()
+
+
+def test_exporting_the_wait_span_is_not_counted_as_waiting(
+    engines: Engines, tracer: trace.Tracer
+) -> None:
+    """A slow exporter (SimpleSpanProcessor exports on the checkout's thread) must not
+    inflate the wait it reports, nor the pending count."""
+
+    class Slow(InMemorySpanExporter):
+        """Slow while `on` (the provider is the process's: it stays after this test)."""
+
+        on = True
+
+        def export(self, spans: Any) -> Any:
+            if not self.on:
+                return super().export([])
+            if any(s.name == "pool.wait" for s in spans):
+                time.sleep(0.05)
+            return super().export(spans)
+
+    slow = Slow()
+    _global_provider().add_span_processor(SimpleSpanProcessor(slow))
+    engine = engines.sync(pool_size=1, max_overflow=0)
+    pm = monitor.instrument(engine, pool_name="slow-export", trace_pool_wait=True)
+    with engine.connect():
+        pass  # the connection is open: the checkouts below do not connect
+    try:
+        with tracer.start_as_current_span("request"):
+            for _ in range(3):
+                with engine.connect():
+                    pass
+    finally:
+        Slow.on = False
+    wait = pm.snapshot()["histograms"][WAIT]
+    assert wait["count"] == 4 and wait["sum"] < 0.04  # 3 x 0.05 s of export not in it
+    assert pm.snapshot()["gauges"]["db.client.connection.pending_requests"] == 0
+    waits = [s for s in slow.get_finished_spans() if s.name == "pool.wait"]
+    assert len(waits) == 3
+    assert all((s.end_time - s.start_time) / 1e9 < 0.04 for s in waits)

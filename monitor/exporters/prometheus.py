@@ -19,6 +19,7 @@ from prometheus_client.core import (
 from prometheus_client.core import (
     Metric as PromMetric,
 )
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from monitor.catalogue import METRICS, Metric
@@ -116,6 +117,7 @@ class MetricsApp:
         self._app = make_asgi_app(registry=registry)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        scope = _readable_accept(scope)
         if scope.get("method") == "HEAD":
             inner = send
 
@@ -125,6 +127,21 @@ class MetricsApp:
                 await inner(message)
 
         await self._app(scope, receive, send)
+
+
+def _readable_accept(scope: Any) -> Any:
+    """The scope with an `Accept` header prometheus_client cannot parse (it raises on
+    `application/openmetrics-text; version=abc`) taken out: a bad header gets the plain
+    text format, not a 500."""
+    headers = scope.get("headers") or []
+    for name, value in headers:
+        if name.lower() == b"accept":
+            try:
+                choose_encoder(value.decode("latin-1"))
+            except Exception:
+                kept = [(n, v) for n, v in headers if n.lower() != b"accept"]
+                return {**scope, "headers": kept}
+    return scope
 
 
 def metrics_app(registry: CollectorRegistry = REGISTRY) -> MetricsApp:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import pairwise
 from typing import Any
 
-from monitor.sidecar.aggregate import View
+from monitor.sidecar.aggregate import RETIRED_POOL, View
 from monitor.sizing import Advice, Target, advise, measured_wait
 
 USE = "db.client.connection.use_time"
@@ -33,10 +33,15 @@ class Sample:
     checkouts: float
     hold_sum: float
     wait_counts: tuple[float, ...]
-    wait_bounds: tuple[float, ...]
     wait_sum: float
     processes: int
     max_connections: float | None
+
+
+#: Samples kept per pool, whatever the window: one every `window / MAX_SAMPLES` seconds.
+MAX_SAMPLES = 300
+#: Per-process arrival increments kept per pool (for the burstiness check).
+MAX_INCREMENTS = 2000
 
 
 def _sample(pool: dict[str, Any], at: float) -> Sample:
@@ -50,7 +55,6 @@ def _sample(pool: dict[str, Any], at: float) -> Sample:
         float(counters.get(CHECKOUTS, 0) or 0),
         float(use.get("sum", 0.0)),
         tuple(wait.get("counts", ())),
-        tuple(wait.get("bounds", ())),
         float(wait.get("sum", 0.0)),
         int(pool.get("processes", 0)),
         float(maximum) if isinstance(maximum, (int, float)) else None,
@@ -58,36 +62,119 @@ def _sample(pool: dict[str, Any], at: float) -> Sample:
 
 
 class AdviceWindow:
-    """The last `window_s` seconds of samples per pool (thread-safe: the scan thread
-    records, request handlers read)."""
+    """The last `window_s` seconds of each pool's merged totals, and of each process's
+    own arrivals between two of its documents (thread-safe: the scan thread records,
+    request handlers read). Memory is bounded: at most `MAX_SAMPLES` samples and
+    `MAX_INCREMENTS` increments per pool, pools no live process serves are dropped."""
 
     def __init__(self, window_s: float = 300.0, target: Target | None = None) -> None:
         self.window_s = window_s
         self.target = target or Target()
         self._samples: dict[str, deque[Sample]] = {}
+        self._bounds: dict[str, tuple[float, ...]] = {}
+        # per pool: (time, seconds, checkouts, process key) between two documents
+        self._increments: dict[str, deque[tuple[float, float, float, Any]]] = {}
+        self._last_doc: dict[Any, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
-    def record(self, view: View) -> None:
+    def record(self, view: View, processes: Iterable[Any] = ()) -> None:
+        """One full scan: `view`'s merged pools, and the aggregator's processes (their
+        documents' own `written_at`: arrivals per process per interval without the
+        scan's sampling jitter, which would pass for bursts)."""
         at = view.scanned_at
+        every = self.window_s / MAX_SAMPLES
+        served = {p["pool"] for p in view.pools if p.get("processes")} - {RETIRED_POOL}
         with self._lock:
             for pool in view.pools:
-                samples = self._samples.setdefault(pool["pool"], deque())
+                name = pool["pool"]
+                if name not in served:
+                    continue
+                samples = self._samples.setdefault(name, deque())
                 sample = _sample(pool, at)
                 if samples and sample.checkouts < samples[-1].checkouts:
                     samples.clear()  # a pool that restarted from zero: a new window
-                samples.append(sample)
+                if samples and at - samples[-1].at < every and len(samples) > 1:
+                    samples[-1] = sample  # keep the newest, at most MAX_SAMPLES of them
+                else:
+                    samples.append(sample)
                 while samples and at - samples[0].at > self.window_s:
                     samples.popleft()
-            for name in [n for n in self._samples if n not in {p["pool"] for p in view.pools}]:
+                wait = pool.get("histograms", {}).get(WAIT) or {}
+                self._bounds[name] = tuple(wait.get("bounds", ())) or self._bounds.get(name, ())
+            self._record_increments(processes, served, at)
+            for name in [n for n in self._samples if n not in served]:
                 del self._samples[name]
+                self._bounds.pop(name, None)
+                self._increments.pop(name, None)
+
+    def _record_increments(self, processes: Iterable[Any], served: set[str], at: float) -> None:
+        seen = set()
+        for proc in processes:
+            if not getattr(proc, "live", False):
+                continue
+            doc = proc.doc
+            written = float(doc["written_at"])
+            for pool in doc.get("pools", ()):
+                name = pool["pool"]
+                if name not in served:
+                    continue
+                key = (proc.name, name, pool.get("monitor_id"))
+                seen.add(key)
+                checkouts = float(pool.get("counters", {}).get(CHECKOUTS, 0) or 0)
+                last = self._last_doc.get(key)
+                self._last_doc[key] = (written, checkouts)
+                if last is None or written <= last[0] or checkouts < last[1]:
+                    continue
+                increments = self._increments.setdefault(name, deque(maxlen=MAX_INCREMENTS))
+                increments.append((written, written - last[0], checkouts - last[1], key))
+        for key in [k for k in self._last_doc if k not in seen]:
+            del self._last_doc[key]
+        for increments in self._increments.values():
+            while increments and at - increments[0][0] > self.window_s:
+                increments.popleft()
 
     def advice(self) -> list[Advice]:
         with self._lock:
             windows = {name: list(s) for name, s in self._samples.items()}
-        return [a for name, s in sorted(windows.items()) if (a := _advise(name, s, self.target))]
+            bounds = dict(self._bounds)
+            increments = {name: list(i) for name, i in self._increments.items()}
+        out = []
+        for name, samples in sorted(windows.items()):
+            advice = _advise(
+                name, samples, bounds.get(name, ()), increments.get(name, []), self.target
+            )
+            if advice is not None:
+                out.append(advice)
+        return out
 
 
-def _advise(name: str, samples: list[Sample], target: Target) -> Advice | None:
+def burstiness(increments: list[tuple[float, float, float, Any]], rate: float) -> float | None:
+    """Index of dispersion of arrivals from each process's consecutive intervals: for
+    Poisson arrivals at `rate` per process, (r₁ − r₂)² / (rate · (1/d₁ + 1/d₂)) averages 1
+    (rᵢ the rate over an interval of dᵢ seconds); bursts raise it. Consecutive pairs only,
+    so a slow change of the load does not count. None with fewer than 3 pairs."""
+    if rate <= 0:
+        return None
+    last: dict[Any, tuple[float, float]] = {}
+    terms = []
+    for _, seconds, n, key in increments:
+        if seconds <= 0:
+            continue
+        previous = last.get(key)
+        last[key] = (seconds, n)
+        if previous is not None:
+            d1, n1 = previous
+            terms.append((n1 / d1 - n / seconds) ** 2 / (rate * (1 / d1 + 1 / seconds)))
+    return sum(terms) / len(terms) if len(terms) >= 3 else None
+
+
+def _advise(
+    name: str,
+    samples: list[Sample],
+    bounds: tuple[float, ...],
+    increments: list[tuple[float, float, float, Any]],
+    target: Target,
+) -> Advice | None:
     if len(samples) < 2:
         return None
     first, last = samples[0], samples[-1]
@@ -95,15 +182,16 @@ def _advise(name: str, samples: list[Sample], target: Target) -> Advice | None:
     if seconds <= 0:
         return None
     checkouts = last.checkouts - first.checkouts
-    processes = max(1, last.processes)
+    # The processes over the window, not only now: a worker that joined half-way served
+    # half the time.
+    processes = max(1, round(sum(s.processes for s in samples) / len(samples)))
     size = None
     if last.max_connections is not None and last.processes > 0:
         size = max(1, math.floor(last.max_connections / last.processes + 0.5))
     measured = None
-    if len(first.wait_counts) == len(last.wait_counts) and last.wait_bounds:
+    if len(first.wait_counts) == len(last.wait_counts) == len(bounds) + 1 and bounds:
         counts = [b - a for a, b in zip(first.wait_counts, last.wait_counts, strict=True)]
-        measured = measured_wait(last.wait_bounds, counts, last.wait_sum - first.wait_sum)
-    counts_per_scan = [b.checkouts - a.checkouts for a, b in pairwise(samples)]
+        measured = measured_wait(bounds, counts, last.wait_sum - first.wait_sum)
     rates, holds = _intervals(samples, processes)
     return advise(
         name,
@@ -115,7 +203,7 @@ def _advise(name: str, samples: list[Sample], target: Target) -> Advice | None:
         target=target,
         measured_p_wait=measured[0] if measured else None,
         measured_mean_wait_s=measured[1] if measured else None,
-        interval_counts=counts_per_scan,
+        burstiness=burstiness(increments, checkouts / seconds / processes),
         interval_rates=rates,
         interval_holds=holds,
     )

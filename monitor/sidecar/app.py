@@ -172,12 +172,17 @@ def create_app(sidecar: Sidecar, manage: bool = True) -> Starlette:
         if refusal is not None:
             return refusal
         pg = await run_in_threadpool(sidecar.pg.refresh, since=api.newest_start(sidecar.view))
-        return json_response(
-            blocking.tree(sidecar.view, pg, trace_url_template=sidecar.config.trace_url_template)
+        tree = await run_in_threadpool(
+            blocking.tree, sidecar.view, pg, trace_url_template=sidecar.config.trace_url_template
         )
+        return json_response(tree)
 
     async def metrics(request: Request) -> Response:
-        body, media_type = sidecar.registries.render(request.headers.get("accept"))
+        # Off the event loop: the collectors only read memory, but a pile-up's blocking
+        # forest or a large merge takes milliseconds that /healthz must not wait for.
+        body, media_type = await run_in_threadpool(
+            sidecar.registries.render, request.headers.get("accept")
+        )
         return Response(body, media_type=media_type)
 
     async def healthz(request: Request) -> Response:

@@ -78,23 +78,34 @@ class Node:
 
 @dataclass(frozen=True)
 class Root:
-    """A backend that blocks others and waits on nobody."""
+    """A backend that blocks others and waits on nobody. `direct` and `transitive` are
+    sets of backends as bit masks (bit i: the forest's i-th pid): a pile-up of thousands
+    of sessions behind as many roots stays a few bitwise ORs, not a set per root."""
 
     pid: int
-    direct: frozenset[int]
-    transitive: frozenset[int]
+    direct: int
+    transitive: int
     #: edges on the longest chain below it (a direct waiter: 1)
     depth: int
     #: the longest lock wait among `transitive`, as of the poll (0 when none is known)
     lock_wait_max_s: float
 
+    @property
+    def blocked_direct(self) -> int:
+        return self.direct.bit_count()
+
+    @property
+    def blocked_transitive(self) -> int:
+        return self.transitive.bit_count()
+
 
 @dataclass(frozen=True)
 class Cycle:
-    """Backends waiting on each other (a deadlock), and those stuck behind them."""
+    """Backends waiting on each other (a deadlock), and those stuck behind them (a bit
+    mask, as `Root`'s)."""
 
     pids: tuple[int, ...]
-    blocked: frozenset[int]
+    blocked: int
 
 
 @dataclass(frozen=True)
@@ -195,18 +206,6 @@ def _components(pids: Iterable[int], succ: Mapping[int, Sequence[int]]) -> list[
     return out
 
 
-def _reach(starts: Iterable[int], succ: Mapping[int, Sequence[int]]) -> set[int]:
-    """Every pid reachable from `starts` (excluded unless reached again): each edge once."""
-    seen: set[int] = set()
-    queue = deque(starts)
-    while queue:
-        for w in succ.get(queue.popleft(), ()):
-            if w not in seen:
-                seen.add(w)
-                queue.append(w)
-    return seen
-
-
 def build(
     view: View, pg: PgView, now: float, max_sample_age: float = api.MAX_SAMPLE_AGE_S
 ) -> Forest:
@@ -233,44 +232,57 @@ def build(
         )
         nodes[pid] = Node(pid, server, hold, unknown, blockers.get(pid, ()), waiters.get(pid, ()))
 
-    # Longest chain below each component, successors first (edges inside a cycle are
-    # not walked again: a cycle adds its length once).
+    # One pass over the components, successors first (Tarjan's order): per component,
+    # the longest chain below it (edges inside a cycle are not walked again: a cycle adds
+    # its length once), the backends it reaches as a bit mask, and their longest lock
+    # wait. Linear in edges, plus ORs of masks: a migration's pile-up (N sessions holding
+    # a lock, an ALTER waiting on all, N more behind it) costs N² bits, not N² set entries.
+    bit = {pid: 1 << i for i, pid in enumerate(sorted(pids))}
+
+    def own_wait(pid: int) -> float:
+        backend = nodes[pid].backend
+        wait = backend.lock_wait_s if backend is not None else None
+        return wait if wait is not None and math.isfinite(wait) else 0.0
+
     components = _components(pids, waiters)
     component_of = {pid: i for i, members in enumerate(components) for pid in members}
     height: list[int] = []
+    reach: list[int] = []  # backends reachable from the component (its own included
+    wait_max: list[float] = []  # only when they reach each other: a cycle)
     for i, members in enumerate(components):
-        below = [
-            1 + height[component_of[w]]
-            for v in members
-            for w in waiters.get(v, ())
-            if component_of[w] != i
-        ]
-        height.append(max(below, default=0) + len(members) - 1)
-
-    def lock_wait(pids: Iterable[int]) -> float:
-        waits = [nodes[p].backend.lock_wait_s for p in pids if nodes[p].backend is not None]
-        return max((w for w in waits if w is not None and math.isfinite(w)), default=0.0)
+        below, mask, wait = 0, 0, 0.0
+        for v in members:
+            for w in waiters.get(v, ()):
+                j = component_of[w]
+                if j != i:
+                    below = max(below, 1 + height[j])
+                    mask |= bit[w] | reach[j]
+                    wait = max(wait, own_wait(w), wait_max[j])
+        if len(members) > 1:
+            for v in members:
+                mask |= bit[v]
+                wait = max(wait, own_wait(v))
+        height.append(below + len(members) - 1)
+        reach.append(mask)
+        wait_max.append(wait)
 
     roots = []
     for pid in pids:
         if waiters.get(pid) and pid not in blockers:
-            transitive = _reach([pid], waiters)
-            roots.append(
-                Root(
-                    pid,
-                    frozenset(waiters[pid]),
-                    frozenset(transitive),
-                    height[component_of[pid]],
-                    lock_wait(transitive),
-                )
-            )
-    roots.sort(key=lambda r: (-len(r.transitive), -r.lock_wait_max_s, r.pid))
-    cycles = [
-        Cycle(tuple(members), frozenset(_reach(members, waiters) - set(members)))
-        for members in components
-        if len(members) > 1
-    ]
-    cycles.sort(key=lambda c: (-len(c.blocked), c.pids))
+            i = component_of[pid]
+            direct = 0
+            for w in waiters[pid]:
+                direct |= bit[w]
+            roots.append(Root(pid, direct, reach[i], height[i], wait_max[i]))
+    roots.sort(key=lambda r: (-r.blocked_transitive, -r.lock_wait_max_s, r.pid))
+    cycles = []
+    for i, members in enumerate(components):
+        if len(members) > 1:
+            own = 0
+            for v in members:
+                own |= bit[v]
+            cycles.append(Cycle(tuple(members), reach[i] & ~own))
+    cycles.sort(key=lambda c: (-c.blocked.bit_count(), c.pids))
     return Forest(nodes, tuple(roots), tuple(cycles), len(blockers))
 
 
@@ -418,8 +430,8 @@ def tree(
         roots.append(
             {
                 **listed,
-                "blocked_direct": len(root.direct),
-                "blocked_transitive": len(root.transitive),
+                "blocked_direct": root.blocked_direct,
+                "blocked_transitive": root.blocked_transitive,
                 "longest_chain": root.depth,
                 "lock_wait_max_s": api.aged(root.lock_wait_max_s, pg.polled_at, now)
                 if root.lock_wait_max_s
@@ -432,7 +444,7 @@ def tree(
         {
             "pids": list(cycle.pids),
             "nodes": [render(pid) for pid in cycle.pids[:max_children]],
-            "blocked_transitive": len(cycle.blocked),
+            "blocked_transitive": cycle.blocked.bit_count(),
         }
         for cycle in forest.cycles[:MAX_CYCLES]
     ]
@@ -474,10 +486,12 @@ class SiteBlocking:
 def _merged(site: str, pool: str, roots: Sequence[Root]) -> SiteBlocking:
     """Several roots under one label set: distinct backends (a waiter blocked by two of
     them counts once), the longest wait."""
-    direct = frozenset().union(*(r.direct for r in roots))
-    transitive = frozenset().union(*(r.transitive for r in roots))
+    direct = transitive = 0
+    for r in roots:
+        direct |= r.direct
+        transitive |= r.transitive
     wait = max((r.lock_wait_max_s for r in roots), default=0.0)
-    return SiteBlocking(site, pool, len(direct), len(transitive), wait)
+    return SiteBlocking(site, pool, direct.bit_count(), transitive.bit_count(), wait)
 
 
 def by_site(forest: Forest, max_series: int = MAX_SITE_SERIES) -> list[SiteBlocking]:

@@ -79,12 +79,21 @@ def add_histogram(
 
 
 def _wins(candidate: Mapping[str, Any], kept: Mapping[str, Any] | None) -> bool:
-    if kept is None:
-        return True
-    age = kept["timestamp"] - candidate["timestamp"]  # > 0: the candidate is older
-    if age < -EXEMPLAR_WINDOW_S:
-        return True
-    return candidate["value"] > kept["value"] and age <= EXEMPLAR_WINDOW_S
+    """The exemplar of the latest `EXEMPLAR_WINDOW_S` slot of time wins, then the slowest
+    in it: a total order, so the merged exemplar is the same whatever order the workers'
+    documents are added in."""
+    return kept is None or _rank(candidate) > _rank(kept)
+
+
+def _rank(exemplar: Mapping[str, Any]) -> tuple[float, float, float, str, str]:
+    slot = exemplar["timestamp"] // EXEMPLAR_WINDOW_S
+    return (
+        slot,
+        exemplar["value"],
+        exemplar["timestamp"],
+        exemplar["trace_id"],
+        exemplar["span_id"],
+    )
 
 
 def add_totals(
@@ -113,7 +122,7 @@ def add_locks(acc: dict[str, dict[str, Any]], locks: Mapping[str, Mapping[str, A
     for metric, by_lock in locks.items():
         into = acc.setdefault(metric, {})
         for lock_name, hist in by_lock.items():
-            add_histogram(into, lock_name, hist)
+            add_histogram(into, lock_name, hist, exemplars=False)  # none are made for locks
 
 
 def copy_totals(source: Mapping[str, Any]) -> dict[str, Any]:

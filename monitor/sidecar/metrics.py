@@ -302,7 +302,10 @@ class Registries:
         """Both registries in the format the scraper asked for (`Accept`), and its media
         type: OpenMetrics, which carries the exemplars, when it lists it (Prometheus does
         by default); the plain text format, without exemplars, otherwise."""
-        encoder, media_type = choose_encoder(accept or "")
+        try:
+            encoder, media_type = choose_encoder(accept or "")
+        except Exception:  # a malformed header (`version=abc`): the format every scraper reads
+            encoder, media_type = choose_encoder("")
         return encoder(_Both(self.data, self.health)), media_type
 
 

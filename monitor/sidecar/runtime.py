@@ -61,7 +61,7 @@ class Sidecar:
             return self.view
         try:
             self.view = self.aggregator.scan()
-            self.advice.record(self.view)
+            self.advice.record(self.view, list(self.aggregator.procs.values()))
             self._scanned_ok()
         except Exception:  # keep serving the last view; say so once per streak
             self._scan_failed("scanning %s failed; serving the previous view")

@@ -3,8 +3,13 @@ for snapshot values."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -67,3 +72,31 @@ def assert_no_negative(pm: monitor.PoolMonitor) -> None:
     for name, value in snap["gauges"].items():
         values = value.values() if isinstance(value, dict) else [value]
         assert all(v >= 0 for v in values), (name, value)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def spawn_worker(module: str, spec: dict[str, Any]) -> subprocess.Popen[str]:
+    """Run `worker(argv)` of test module `module` (e.g. "tests.test_sidecar_e2e") in a
+    fresh Python process with `spec` as JSON, stdin and stdout as text pipes: a real
+    worker process of its own, as a web server's would be."""
+    code = f"import sys; from {module} import worker; sys.exit(worker(sys.argv[1:]))"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(spec)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def spawn_sidecar(
+    snapshot_dir: Path | str, port: int, log: Any, *options: str
+) -> subprocess.Popen[bytes]:
+    """The real `pool-monitor sidecar` on 127.0.0.1:`port`, its output into `log` (an
+    open binary file)."""
+    command = [sys.executable, "-m", "monitor.cli", "sidecar", "--snapshot-dir", str(snapshot_dir)]
+    command += ["--listen", f"127.0.0.1:{port}", *options]
+    return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

@@ -53,6 +53,7 @@ from monitor.sidecar.metrics import Registries
 from monitor.sidecar.postgres import Backend, PgView, PostgresCollector
 from monitor.sidecar.runtime import Sidecar
 from tests.conftest import require_binary
+from tests.helpers import spawn_sidecar, spawn_worker
 from tests.test_sidecar_e2e import chromium_dom, free_port, stop_sidecar, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -531,17 +532,7 @@ def root_site() -> str:
 
 
 def start_worker(spec: dict[str, Any]) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    code = (
-        "import sys; from tests.test_sidecar_blocking import worker; sys.exit(worker(sys.argv[1:]))"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, json.dumps(spec)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn_worker("tests.test_sidecar_blocking", spec)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert line, f"the {spec['role']} worker printed nothing (exit {proc.poll()})"
@@ -575,10 +566,8 @@ def cluster(database_url: str) -> Iterator[Cluster]:
     snapdir.mkdir()
     port = free_port()
     log_file = open(tmp / "sidecar.log", "wb")  # noqa: SIM115 - the sidecar writes it until the end
-    command = [sys.executable, "-m", "monitor.cli", "sidecar", "--snapshot-dir", str(snapdir)]
-    command += ["--postgres-dsn", dsn, "--postgres-interval", "0.2", "--scan-interval", "0.1"]
-    command += ["--listen", f"127.0.0.1:{port}", "--page-refresh", "0.5"]
-    sidecar = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+    options = ["--postgres-dsn", dsn, "--postgres-interval", "0.2", "--scan-interval", "0.1"]
+    sidecar = spawn_sidecar(snapdir, port, log_file, *options, "--page-refresh", "0.5")
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     workers: dict[str, subprocess.Popen[str]] = {}
     foreign: psycopg.Connection[Any] | None = None

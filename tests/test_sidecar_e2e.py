@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from demo_app.stack import libpq_dsn
 from tests.conftest import require_binary
+from tests.helpers import spawn_sidecar, spawn_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERVAL = 0.2  # the workers' snapshot interval
@@ -125,17 +126,7 @@ class Worker:
 
 
 def start_worker(spec: dict[str, Any]) -> Worker:
-    code = "import sys; from tests.test_sidecar_e2e import worker; sys.exit(worker(sys.argv[1:]))"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, json.dumps(spec)],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    return Worker(proc, spec)
+    return Worker(spawn_worker("tests.test_sidecar_e2e", spec), spec)
 
 
 def free_port() -> int:
@@ -192,12 +183,9 @@ def cluster(database_url: str) -> Iterator[Cluster]:
     snapdir.mkdir()
     port = free_port()
     log = tmp / "sidecar.log"
-    options = f"--postgres-interval 0.2 --scan-interval 0.1 --listen 127.0.0.1:{port} "
-    options += "--page-refresh 0.5 --show-query-text"
-    command = [sys.executable, "-m", "monitor.cli", "sidecar", "--snapshot-dir", str(snapdir)]
-    command += ["--postgres-dsn", dsn, *options.split()]
+    options = "--postgres-interval 0.2 --scan-interval 0.1 --page-refresh 0.5 --show-query-text"
     log_file = open(log, "wb")  # noqa: SIM115 - the process writes it until the end
-    sidecar = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+    sidecar = spawn_sidecar(snapdir, port, log_file, "--postgres-dsn", dsn, *options.split())
     workers: dict[str, Worker] = {}
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5)
     try:

@@ -8,7 +8,6 @@ plain text without them."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dashboards.promharness import ScrapeTarget, running_prometheus
 from tests.conftest import require_binary
+from tests.helpers import spawn_sidecar, spawn_worker
 from tests.test_sidecar_e2e import _readline, free_port, stop_sidecar, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,21 +85,6 @@ def worker(argv: list[str]) -> int:
     return 0
 
 
-def _start(spec: dict[str, Any]) -> subprocess.Popen[str]:
-    code = (
-        "import sys; from tests.test_sidecar_exemplars import worker; "
-        "sys.exit(worker(sys.argv[1:]))"
-    )
-    return subprocess.Popen(
-        [sys.executable, "-c", code, json.dumps(spec)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-
-
 class Pod:
     def __init__(self, http: httpx.Client, address: str, traces: dict[str, list[Any]]) -> None:
         self.http = http
@@ -117,10 +102,8 @@ def pod(database_url: str) -> Iterator[Pod]:
     snapdir.mkdir()
     port = free_port()
     log = tmp / "sidecar.log"
-    command = [sys.executable, "-m", "monitor.cli", "sidecar", "--snapshot-dir", str(snapdir)]
-    command += ["--scan-interval", "0.1", "--listen", f"127.0.0.1:{port}"]
     log_file = open(log, "wb")  # noqa: SIM115 - the process writes it until the end
-    sidecar = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+    sidecar = spawn_sidecar(snapdir, port, log_file, "--scan-interval", "0.1")
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5)
     workers: dict[str, subprocess.Popen[str]] = {}
     try:
@@ -128,7 +111,7 @@ def pod(database_url: str) -> Iterator[Pod]:
         for name, holds in HOLDS.items():
             pool = "plain" if name == "plain" else "orders"
             spec = {"url": database_url, "dir": str(snapdir), "pool": pool, "holds": holds}
-            workers[name] = _start(spec)
+            workers[name] = spawn_worker("tests.test_sidecar_exemplars", spec)
         for name, proc in workers.items():
             traces[name] = json.loads(_readline(proc.stdout, 60))  # type: ignore[arg-type]
 

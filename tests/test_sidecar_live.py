@@ -46,6 +46,7 @@ import pytest
 
 from demo_app.stack import libpq_dsn
 from monitor.sidecar import aggregate
+from tests.helpers import spawn_sidecar, spawn_worker
 from tests.test_sidecar_e2e import _readline, free_port, stop_sidecar, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,20 +135,10 @@ def _start(database_url: str, interval: float) -> Iterator[Live]:
     snapdir.mkdir()
     port = free_port()
     log = tmp / "sidecar.log"
-    command = [sys.executable, "-m", "monitor.cli", "sidecar", "--snapshot-dir", str(snapdir)]
-    command += ["--postgres-dsn", libpq_dsn(database_url), "--listen", f"127.0.0.1:{port}"]
     log_file = open(log, "wb")  # noqa: SIM115 - the process writes it until the end
-    sidecar = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+    sidecar = spawn_sidecar(snapdir, port, log_file, "--postgres-dsn", libpq_dsn(database_url))
     spec = {"url": database_url, "dir": str(snapdir), "pool": "live-api", "interval": interval}
-    code = "import sys; from tests.test_sidecar_live import worker; sys.exit(worker(sys.argv[1:]))"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, json.dumps(spec)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn_worker("tests.test_sidecar_live", spec)
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
     try:
         assert proc.stdout is not None

@@ -399,17 +399,28 @@ def test_every_dashboard_expression_returns_data(run: Run, variables: dict[str, 
     empty: dict[str, str] = {}
     errors: dict[str, str] = {}
 
+    # As Grafana shows a panel over the run, not only at its last instant: a panel of one
+    # scenario's code sites (a 1m rate) has data just after that scenario, and may not by
+    # the end of a slow run. So a query empty now is also read after each scenario.
+    moments = sorted({min(end + 4, time.time()) for _, _, end in run.spans})
+
+    def finite_somewhen(expr: str) -> bool:
+        return _finite(run.prom.query(expr)) or any(
+            _finite(run.prom.query(expr, at=at)) for at in moments
+        )
+
     def probe() -> bool:
         for key, expr in list(pending.items()):
             try:
-                result = run.prom.query(expr)
+                found = finite_somewhen(expr)
             except PrometheusError as exc:
                 errors[key] = str(exc)
                 del pending[key]
                 continue
-            if _finite(result):
+            if found:
                 del pending[key]
             else:
+                result = run.prom.query(expr)
                 empty[key] = "no series" if not result else "only NaN/Inf"
         return not pending
 

@@ -311,7 +311,13 @@ def test_full_disk_is_logged_once_counted_and_recovers(
             errno.errorcode[errno.ENOSPC] in warnings[0].getMessage()
             or "No space left" in warnings[0].getMessage()
         )
-        assert not [n for n in os.listdir(full) if n.endswith(".tmp")]
+        # No temporary file is left behind. One may exist for an instant while a write is
+        # being tried (a CI run listed a `.live.tmp` mid-attempt): a leftover never goes.
+        wait_until(
+            lambda: not [n for n in os.listdir(full) if n.endswith(".tmp")],
+            5,
+            "no temporary file left in the full directory",
+        )
         free()
         wait_until(lambda: os.path.exists(writer.path), 5, "a write after space came back")
         assert any("work again" in r.getMessage() for r in caplog.records)

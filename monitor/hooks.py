@@ -159,7 +159,7 @@ def build_hooks(monitor: Monitored) -> dict[str, Callable[..., Any]]:
                 pass
             try:
                 if fairy._counter == 1:  # else SingletonThreadPool re-entry: hold is open
-                    now = _perf()
+                    now = got  # the hold starts as the wait ends: one clock read for both
                     rec = fairy._connection_record
                     loop = _get_running_loop()
                     hold = Hold(
